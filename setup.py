@@ -1,0 +1,51 @@
+"""peft_jax: parameter-efficient fine-tuning for medical image analysis in JAX / Flax NNX."""
+from setuptools import find_packages, setup
+
+# Versions that resolve together on Python 3.11 (see ../shared/NOTES.md). Pinned so that
+# a benchmark or a paper table can be reproduced with the same stack.
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "clu==0.0.12",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "grain==0.2.18",
+    "tensorboardX==2.6.5",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    "safetensors==0.8.0",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
+    "absl-py==2.5.1",
+]
+
+EXTRAS = {
+    # PyTorch references for the parity tests and the side-by-side benchmarks.
+    "test": [
+        "pytest==9.0.3",
+        "pytest-xdist==3.8.0",
+        "scikit-learn==1.9.1",
+        "scipy==1.17.1",
+        "torch==2.13.0",
+        "transformers==5.24.0",
+        "diffusers==0.42.1",
+        "peft==0.21.2",
+        "tokenizers==0.23.3",
+    ],
+    "hpo": ["optuna==5.0.0"],
+    "gpu": ["jax[cuda13]==0.10.2"],
+}
+
+setup(
+    name="peft_jax",
+    version="0.1.0",
+    description="Parameter-efficient fine-tuning for medical image analysis in JAX / Flax NNX",
+    packages=find_packages(include=["peft_jax", "peft_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
