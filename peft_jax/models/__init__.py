@@ -1,0 +1,52 @@
+"""Model registry: names -> plain NNX classifiers, and ``from_pretrained``."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from flax import nnx
+
+from peft_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig
+
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
+MODEL_NAMES: tuple[str, ...] = tuple(VIT_VARIANTS) + RESNET_NAMES
+
+
+def unknown_name_error(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> ValueError:
+    """A ValueError that names the bad value, the closest valid ones and all valid ones."""
+    close = difflib.get_close_matches(name, valid, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid)}")
+
+
+def vit_config(name: str, *, num_classes: int, image_size: int, **overrides) -> ViTConfig:
+    """The ViTConfig of a registered variant, with field overrides (e.g. patch_size, depth, pool)."""
+    if name not in VIT_VARIANTS:
+        raise unknown_name_error("ViT", name, tuple(VIT_VARIANTS))
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ValueError(f"unknown ViT option(s) {bad}; valid: {sorted(fields)}")
+    kwargs = {**VIT_VARIANTS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return ViTConfig(num_classes=num_classes, image_size=image_size, **kwargs)
+
+
+def create_model(name: str, *, num_classes: int, image_size: int = 224, rngs: nnx.Rngs, **overrides) -> nnx.Module:
+    """Builds a randomly initialised model by registered name."""
+    if name in VIT_VARIANTS:
+        return ViT(vit_config(name, num_classes=num_classes, image_size=image_size, **overrides), rngs=rngs)
+    if name in RESNET_NAMES:
+        from peft_jax.models.resnet import ResNet
+
+        extra = {k: v for k, v in overrides.items() if v is not None}
+        if extra:
+            raise ValueError(f"ResNet takes no model options, got {sorted(extra)}")
+        return ResNet(int(name.removeprefix("resnet")), num_classes=num_classes, rngs=rngs)
+    raise unknown_name_error("model", name, MODEL_NAMES)
+
+
+def from_pretrained(arch: str, path, **kwargs) -> nnx.Module:
+    """An NNX model of ``arch`` with the weights of a checkpoint file or directory (format detected)."""
+    from peft_jax.checkpoints import from_pretrained as load
+
+    return load(arch, path, **kwargs)

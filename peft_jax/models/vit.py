@@ -1,0 +1,193 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) as a plain Flax NNX module.
+
+The module tree mirrors google-research/vision_transformer and timm so that every
+public checkpoint maps onto it key by key, and PEFT surgery finds layers by stable
+names (``blocks/3/attn/query``). The model knows nothing about PEFT.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    num_classes: int = 1000
+    pool: str = "token"  # "token" (class token) or "gap" (global average of patch tokens)
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = False  # Google's original ViT code uses the tanh approximation
+    scan_layers: bool = False  # stack the blocks and run them with a scan (fast compiles for L/H)
+    remat: bool = False  # recompute block activations in the backward pass (memory for L/H)
+    dtype: str = "float32"  # computation dtype; parameters stay float32
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.pool == "token" else 0
+
+
+# Widths, depths and heads of the published models (Dosovitskiy et al., Steiner et al.).
+VIT_VARIANTS: dict[str, dict] = {
+    "vit_ti16": dict(patch_size=16, hidden_size=192, depth=12, num_heads=3, mlp_dim=768),
+    "vit_s16": dict(patch_size=16, hidden_size=384, depth=12, num_heads=6, mlp_dim=1536),
+    "vit_b16": dict(patch_size=16, hidden_size=768, depth=12, num_heads=12, mlp_dim=3072),
+    "vit_b32": dict(patch_size=32, hidden_size=768, depth=12, num_heads=12, mlp_dim=3072),
+    "vit_l16": dict(patch_size=16, hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "vit_h14": dict(patch_size=14, hidden_size=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+
+
+def _dense(din: int, dout: int, rngs: nnx.Rngs, dtype: Dtype) -> nnx.Linear:
+    return nnx.Linear(
+        din, dout, dtype=dtype, rngs=rngs,
+        kernel_init=nnx.initializers.xavier_uniform(),
+        bias_init=nnx.initializers.normal(1e-6),
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with separate query/key/value/out projections."""
+
+    def __init__(self, hidden_size: int, num_heads: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.query = _dense(hidden_size, hidden_size, rngs, dtype)
+        self.key = _dense(hidden_size, hidden_size, rngs, dtype)
+        self.value = _dense(hidden_size, hidden_size, rngs, dtype)
+        self.out = _dense(hidden_size, hidden_size, rngs, dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        h = self.num_heads
+
+        def heads(t):
+            return t.reshape(b, t.shape[1], h, d // h)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # Einsum attention measured faster than jax.nn.dot_product_attention on XLA:CPU.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, -1, d)
+        return self.out(y)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, hidden_size: int, mlp_dim: int, approximate: bool, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.approximate = approximate
+        self.fc1 = _dense(hidden_size, mlp_dim, rngs, dtype)
+        self.fc2 = _dense(mlp_dim, hidden_size, rngs, dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer encoder block."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.norm1 = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(cfg.hidden_size, cfg.mlp_dim, cfg.gelu_approximate, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def resize_pos_embed(pos_embed: jax.Array, new_grid: int, num_prefix_tokens: int) -> jax.Array:
+    """Bilinearly resamples the patch part of a (1, prefix + g*g, D) position embedding.
+
+    Lets a checkpoint trained at one resolution run at another (Dosovitskiy et al. 2021, 3.2).
+    """
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = int(round(math.sqrt(grid.shape[1])))
+    if old * old != grid.shape[1]:
+        raise ValueError(f"position embedding with {grid.shape[1]} patch tokens is not a square grid")
+    if old == new_grid:
+        return pos_embed
+    d = grid.shape[-1]
+    grid = jax.image.resize(grid.reshape(1, old, old, d), (1, new_grid, new_grid, d), method="bilinear")
+    return jnp.concatenate([prefix, grid.reshape(1, new_grid * new_grid, d).astype(pos_embed.dtype)], axis=1)
+
+
+class ViT(nnx.Module):
+    """ViT classifier: ``model(images)`` maps NHWC float images to logits."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        d = cfg.hidden_size
+        self.num_features = d
+        self.num_classes = cfg.num_classes
+        self.patch_embed = nnx.Conv(
+            3, d, kernel_size=(cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
+            padding="VALID", dtype=dtype, rngs=rngs,
+            kernel_init=nnx.initializers.lecun_normal(),
+        )
+        if cfg.pool == "token":
+            self.cls_token = nnx.Param(jnp.zeros((1, 1, d), jnp.float32))
+        elif cfg.pool != "gap":
+            raise ValueError(f"model.pool must be 'token' or 'gap', got {cfg.pool!r}")
+        num_tokens = cfg.grid_size**2 + cfg.num_prefix_tokens
+        self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_tokens, d), jnp.float32))
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.depth)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs=rngs)
+
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.norm = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(d, cfg.num_classes, dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.zeros)
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """Patch tokens plus class token and position embedding: (N, tokens, D)."""
+        x = self.patch_embed(images.astype(jnp.dtype(self.config.dtype)))
+        b, gh, gw, d = x.shape
+        if gh != gw:
+            raise ValueError(f"ViT expects square inputs, got a {gh}x{gw} patch grid")
+        x = x.reshape(b, gh * gw, d)
+        if self.config.pool == "token":
+            x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d)), x], axis=1)
+        pos = resize_pos_embed(self.pos_embed[...], gh, self.config.num_prefix_tokens)
+        return x + pos.astype(x.dtype)
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """Runs the transformer blocks over a token sequence."""
+        if self.config.scan_layers:
+            def body(x, block):
+                return block(x)
+
+            if self.config.remat:
+                body = nnx.remat(body)
+            return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+        for block in self.blocks:
+            x = nnx.remat(lambda b, t: b(t))(block, x) if self.config.remat else block(x)
+        return x
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """Pooled, normalised pre-head features (N, D)."""
+        x = self.norm(self.encode(self.embed(images)))
+        pooled = x[:, 0] if self.config.pool == "token" else x.mean(axis=1)
+        return pooled
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.head(self.features(images)).astype(jnp.float32)
