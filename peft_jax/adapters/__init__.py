@@ -1,0 +1,18 @@
+"""PEFT methods: one file per family, all registered in ``core.METHODS``."""
+from peft_jax.adapters import lora, selective, ssf  # noqa: F401  (registers the methods)
+from peft_jax.adapters.core import (
+    ADAPTER_TYPES,
+    METHODS,
+    AdapterParam,
+    apply_peft,
+    frozen_filter,
+    merge,
+    method_names,
+    param_report,
+    trainable_filter,
+)
+
+__all__ = [
+    "ADAPTER_TYPES", "METHODS", "AdapterParam", "apply_peft", "frozen_filter", "merge", "method_names",
+    "param_report", "trainable_filter",
+]
