@@ -1,0 +1,45 @@
+"""Train and evaluate one PEFT experiment.
+
+    python launch/train.py --config configs/vit_b_lora.py --config.dataset.name=breastmnist --workdir runs/x
+
+Rerunning the same command continues from the last checkpoint. With
+``--config.dry_run=True`` it only builds, shards and compiles one step (``dry_run.json``).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from peft_jax import runtime  # noqa: E402  (sets up the allocator and platform before jax is imported)
+
+runtime.setup()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config name>).")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from peft_jax.train import loop
+
+    cfg = _CONFIG.value
+    workdir = pathlib.Path(_WORKDIR.value or f"runs/{pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).stem}")
+    if cfg.dry_run:
+        result = loop.dry_run(cfg, workdir)
+    else:
+        result = loop.train_and_evaluate(cfg, workdir)
+        result = {k: result[k] for k in ("method", "model", "dataset", "trainable_params", "trainable_percent",
+                                         "best_step", "val", "test")}
+    print(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    runtime.run(main)

@@ -1,0 +1,95 @@
+"""From a config to a model with its PEFT surgery applied and the trainable filter."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file
+
+from peft_jax.adapters import apply_peft, trainable_filter
+from peft_jax.adapters.core import Filter, path_str
+from peft_jax.adapters.io import ADAPTER_FILE, read_adapter_config, state_hash
+from peft_jax.models import RESNET_NAMES, create_model, from_pretrained
+
+
+@dataclasses.dataclass
+class Built:
+    model: nnx.Module
+    trainable: Filter
+    base_hash: str | None  # sha256 of the backbone before surgery (None for abstract models)
+
+
+def model_overrides(cfg: ml_collections.ConfigDict) -> dict:
+    if cfg.model.name in RESNET_NAMES:
+        return {}
+    return dict(patch_size=cfg.model.patch_size, depth=cfg.model.depth, pool=cfg.model.pool,
+                scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
+
+
+def load_native(model: nnx.Module, directory: pathlib.Path, num_classes: int) -> None:
+    """Initialises a model from a peft_jax ``full`` run's adapter folder (e.g. the quickstart's pre-training).
+
+    The head is kept if its class count matches and re-initialised otherwise.
+    """
+    meta = read_adapter_config(directory)
+    if meta["peft"]["method"] != "full":
+        raise ValueError(f"{directory} holds a {meta['peft']['method']!r} adapter; only a 'full' run's folder is a "
+                         "complete set of weights to start from")
+    arrays = load_file(str(directory / ADAPTER_FILE))
+    for prefix, filt in (("params/", nnx.Param), ("state/", nnx.BatchStat)):
+        state = nnx.state(model, filt)
+        for path, var in state.flat_state():
+            key = prefix + path_str(path)
+            if path[0] == "head" and (key not in arrays or arrays[key].shape != var.get_value().shape):
+                continue
+            if key not in arrays:
+                raise ValueError(f"{directory}: checkpoint has no {key!r}: built for another architecture?")
+            if arrays[key].shape != var.get_value().shape:
+                raise ValueError(f"{directory}: {key} has shape {arrays[key].shape}, the model expects "
+                                 f"{var.get_value().shape}")
+            var.set_value(jax.numpy.asarray(arrays[key]))
+        nnx.update(model, state)
+    head_kept = arrays.get("params/head/kernel") is not None and arrays["params/head/kernel"].shape[-1] == num_classes
+    if not head_kept:
+        print(f"[init] {directory}: head re-initialised for {num_classes} classes")
+
+
+def backbone(cfg: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
+    """The model before surgery: random (seeded) or from ``init.checkpoint``."""
+    name, size = cfg.model.name, cfg.model.image_size
+    rngs = nnx.Rngs(params=cfg.seed)
+    ckpt = cfg.init.checkpoint
+    if ckpt and (pathlib.Path(ckpt) / ADAPTER_FILE).is_file():
+        model = create_model(name, num_classes=num_classes, image_size=size, rngs=rngs, **model_overrides(cfg))
+        load_native(model, pathlib.Path(ckpt), num_classes)
+        return model
+    if ckpt:
+        return from_pretrained(name, ckpt, num_classes=num_classes, image_size=size, rngs=rngs,
+                               **model_overrides(cfg))
+    return create_model(name, num_classes=num_classes, image_size=size, rngs=rngs, **model_overrides(cfg))
+
+
+def build(cfg: ml_collections.ConfigDict, num_classes: int) -> Built:
+    model = backbone(cfg, num_classes)
+    base_hash = state_hash(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("head")))))
+    apply_peft(model, cfg.peft, rngs=nnx.Rngs(params=cfg.seed + 1))
+    return Built(model, trainable_filter(cfg.peft), base_hash)
+
+
+def build_abstract(cfg: ml_collections.ConfigDict, num_classes: int) -> Built:
+    """Shapes only: nothing is allocated (for dry runs of ViT-H on a laptop)."""
+    def make():
+        rngs = nnx.Rngs(params=cfg.seed)
+        model = create_model(cfg.model.name, num_classes=num_classes, image_size=cfg.model.image_size,
+                             rngs=rngs, **model_overrides(cfg))
+        return apply_peft(model, cfg.peft, rngs=nnx.Rngs(params=cfg.seed + 1))
+
+    return Built(nnx.eval_shape(make), trainable_filter(cfg.peft), None)
+
+
+def parameter_bytes(state) -> int:
+    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)))
