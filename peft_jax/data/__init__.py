@@ -1,5 +1,8 @@
 """Datasets for peft_jax: MedMNIST `.npz` files and TFDS builders, read through grain.
 
+Valid `dataset.name`s: the 2D MedMNIST datasets (peft_jax.data.medmnist) and the TFDS
+builders of peft_jax.data.builders (busi, chest_xray_pneumonia, ham10000, ...).
+
 `load_dataset(cfg, seed=...)` returns a dataset's train / validation / test splits;
 `train_batches` and `eval_batches` turn a split into model-ready batches.
 """
@@ -7,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from peft_jax.data import medmnist
+from peft_jax.data import builders, medmnist, tfds_loader
 from peft_jax.data.pipeline import eval_batches, train_batches
 from peft_jax.data.splits import DatasetSplits, Split, class_counts, stratified_subsample
 
@@ -17,7 +20,7 @@ __all__ = ["DatasetSplits", "Split", "class_counts", "dataset_names", "eval_batc
 
 def dataset_names() -> list[str]:
   """Every valid `dataset.name`."""
-  return sorted(medmnist.NAMES)
+  return sorted([*medmnist.NAMES, *builders.BUILDERS])
 
 
 def load_dataset(cfg: ml_collections.ConfigDict, *, seed: int) -> DatasetSplits:
@@ -32,6 +35,8 @@ def load_dataset(cfg: ml_collections.ConfigDict, *, seed: int) -> DatasetSplits:
   name = cfg.get("name")
   if name in medmnist.NAMES:
     splits = medmnist.load(cfg)
+  elif name in builders.BUILDERS:
+    splits = tfds_loader.load(cfg)
   else:
     raise ValueError(f"Unknown dataset.name {name!r}; valid names: {', '.join(dataset_names())}.")
   if fraction < 1.0:

@@ -1,0 +1,24 @@
+"""TFDS builders for the medical datasets whose owners require a manual download.
+
+Builders are imported lazily (by `get`), so MedMNIST users never pay for importing TFDS.
+"""
+from __future__ import annotations
+
+import importlib
+
+# dataset.name -> (module, builder class, folder name under $PEFT_JAX_DATA).
+BUILDERS: dict[str, tuple[str, str, str]] = {
+    "busi": ("peft_jax.data.builders.busi", "Busi", "busi"),
+    "chest_xray_pneumonia": ("peft_jax.data.builders.chest_xray_pneumonia", "ChestXrayPneumonia", "chest_xray"),
+    "ham10000": ("peft_jax.data.builders.ham10000", "Ham10000", "ham10000"),
+}
+
+
+def get(name: str) -> type:
+  """The builder class of a dataset."""
+  module, cls, _ = BUILDERS[name]
+  return getattr(importlib.import_module(module), cls)
+
+
+def family(name: str) -> str:
+  return BUILDERS[name][2]
