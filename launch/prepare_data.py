@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 
-import ml_collections
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from peft_jax import data
+import ml_collections  # noqa: E402
+
+from peft_jax import data  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

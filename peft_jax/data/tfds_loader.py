@@ -74,8 +74,8 @@ def read_split(builder, split: str) -> Split:
   subgroups = {}
   for key in _subgroup_keys(builder):
     subgroups[key] = np.array([_text(r[key]) for r in records])
-  if "age" in subgroups:
-    subgroups["age_group"] = age_groups(subgroups["age"].astype(np.float32))
+  if "age" in subgroups:  # Per-subgroup metrics need categories, not raw ages.
+    subgroups["age_group"] = age_groups(subgroups.pop("age").astype(np.float32))
   channels = builder.info.features["image"].shape[-1]
   return Split(images=EncodedImages(source, channels), labels=labels, subgroups=subgroups)
 
