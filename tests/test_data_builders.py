@@ -178,3 +178,66 @@ def test_prepare_data_prints_splits_json_last(shared_data, tmp_path):
       "train": {"num_examples": 63, "class_counts": {"benign": 21, "malignant": 21, "normal": 21}},
       "validation": {"num_examples": 9, "class_counts": {"benign": 3, "malignant": 3, "normal": 3}},
       "test": {"num_examples": 18, "class_counts": {"benign": 6, "malignant": 6, "normal": 6}}}}
+
+
+def _write_generated_images(paths: list[pathlib.Path], fmt: str) -> None:
+  """Stand-ins for release images that ../shared/data does not hold: small random pictures."""
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for path in paths:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(path, format=fmt)
+
+
+def _csv_subset(src: pathlib.Path, dst: pathlib.Path, keep) -> list[dict]:
+  """Writes the header and the rows of the real CSV `src` for which keep(row) is true."""
+  import csv
+
+  with open(src, newline="") as f:
+    reader = csv.DictReader(f)
+    rows = [r for r in reader if keep(r)]
+    fields = reader.fieldnames
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  with open(dst, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+  return rows
+
+
+def test_fitzpatrick17k_real_csv_generated_images(shared_data, tmp_path):
+  seen = {}
+
+  def keep(row):  # the first 20 rows of each three-partition class
+    seen[row["three_partition_label"]] = seen.get(row["three_partition_label"], 0) + 1
+    return seen[row["three_partition_label"]] <= 20
+
+  rows = _csv_subset(shared_data / "fitzpatrick17k" / "fitzpatrick17k.csv", tmp_path / "m" / "fitzpatrick17k.csv", keep)
+  _write_generated_images([tmp_path / "m" / "images" / f"{r['md5hash']}.jpg" for r in rows], "JPEG")
+  ds = data.load_dataset(_cfg("fitzpatrick17k", tmp_path / "m", tmp_path / "tfds"), seed=0)
+  assert ds.class_names == ["non-neoplastic", "benign", "malignant"]
+  assert tuple(sum(np.bincount(s.labels, minlength=3) for s in (ds.train, ds.validation, ds.test))) == (20, 20, 20)
+  skin = np.concatenate([s.subgroups["skin_type"] for s in (ds.train, ds.validation, ds.test)])
+  expected = [r["fitzpatrick_scale"] if r["fitzpatrick_scale"] != "-1" else "unknown" for r in rows]
+  assert sorted(skin.tolist()) == sorted(expected)
+  nine = data.load_dataset(_cfg("fitzpatrick17k", tmp_path / "m", tmp_path / "tfds", config="nine"), seed=0)
+  assert nine.num_classes == 9 and len(nine.train) == len(ds.train)
+  assert ds.train.images[0].shape == (24, 32, 3)
+
+
+def test_smdg_real_metadata_generated_images_patient_grouped(shared_data, tmp_path):
+  rows = _csv_subset(shared_data / "smdg" / "metadata - standardized.csv", tmp_path / "m" / "metadata - standardized.csv",
+                     lambda r: r["names"].startswith(("PAPILA-", "BEH-1", "CRFO-v4-1")))
+  labelled = [r for r in rows if r["types"] in ("0", "1")]
+  assert len(labelled) < len(rows)  # glaucoma suspects are in the CSV but not used
+  _write_generated_images([tmp_path / "m" / r["fundus"].lstrip("/") for r in labelled], "PNG")
+  ds = data.load_dataset(_cfg("smdg", tmp_path / "m", tmp_path / "tfds"), seed=0)
+  assert ds.class_names == ["non_glaucoma", "glaucoma"]
+  counts = sum(np.bincount(s.labels, minlength=2) for s in (ds.train, ds.validation, ds.test))
+  assert tuple(counts) == (sum(r["types"] == "0" for r in labelled), sum(r["types"] == "1" for r in labelled))
+  builder = tfds_loader.make_builder("smdg", data_dir=tmp_path / "tfds")
+  patients = [_groups(builder, s) for s in ("train", "validation", "test")]
+  assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+  assert {"sex", "age_group", "source"} == set(ds.train.subgroups)
+  assert "PAPILA" in set(ds.train.subgroups["source"])

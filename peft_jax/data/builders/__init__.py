@@ -11,6 +11,8 @@ BUILDERS: dict[str, tuple[str, str, str]] = {
     "busi": ("peft_jax.data.builders.busi", "Busi", "busi"),
     "chest_xray_pneumonia": ("peft_jax.data.builders.chest_xray_pneumonia", "ChestXrayPneumonia", "chest_xray"),
     "ham10000": ("peft_jax.data.builders.ham10000", "Ham10000", "ham10000"),
+    "fitzpatrick17k": ("peft_jax.data.builders.fitzpatrick17k", "Fitzpatrick17k", "fitzpatrick17k"),
+    "smdg": ("peft_jax.data.builders.smdg", "Smdg", "smdg"),
 }
 
 
