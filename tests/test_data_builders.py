@@ -241,3 +241,26 @@ def test_smdg_real_metadata_generated_images_patient_grouped(shared_data, tmp_pa
   assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
   assert {"sex", "age_group", "source"} == set(ds.train.subgroups)
   assert "PAPILA" in set(ds.train.subgroups["source"])
+
+
+def test_iu_xray_real_reports_generated_images(shared_data, tmp_path):
+  manual = tmp_path / "m"
+  keep_uids = {str(u) for u in range(1, 81)}
+  projections = _csv_subset(shared_data / "iu_xray" / "indiana_projections.csv", manual / "indiana_projections.csv",
+                            lambda r: r["uid"] in keep_uids)
+  reports = {r["uid"]: r for r in _csv_subset(shared_data / "iu_xray" / "indiana_reports.csv",
+                                             manual / "indiana_reports.csv", lambda r: r["uid"] in keep_uids)}
+  _write_generated_images([manual / "images" / "images_normalized" / r["filename"] for r in projections], "PNG")
+  ds = data.load_dataset(_cfg("iu_xray", manual, tmp_path / "tfds"), seed=0)
+  frontal = [r for r in projections if r["projection"] == "Frontal"]
+  assert sum(len(s) for s in (ds.train, ds.validation, ds.test)) == len(frontal)
+  abnormal = sum(reports[r["uid"]]["MeSH"] != "normal" for r in frontal)
+  assert sum(int(s.labels.sum()) for s in (ds.train, ds.validation, ds.test)) == abnormal
+  builder = tfds_loader.make_builder("iu_xray", data_dir=tmp_path / "tfds")
+  uids = [_groups(builder, s) for s in ("train", "validation", "test")]
+  assert not (uids[0] & uids[1] or uids[0] & uids[2] or uids[1] & uids[2])
+  record = builder.as_data_source(split="test", decoders={"image": tfds.decode.SkipDecoding()})[0]
+  uid = record["group"].decode() if isinstance(record["group"], bytes) else record["group"]
+  findings = record["findings"].decode() if isinstance(record["findings"], bytes) else record["findings"]
+  assert findings == reports[uid]["findings"]
+  assert ds.train.images[0].shape == (24, 32, 1) and ds.train.subgroups == {}

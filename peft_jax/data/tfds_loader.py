@@ -72,16 +72,12 @@ def read_split(builder, split: str) -> Split:
   records = source.__getitems__(range(len(source))) if len(source) else []
   labels = np.array([r["label"] for r in records], dtype=np.int32)
   subgroups = {}
-  for key in _subgroup_keys(builder):
+  for key in builder.SUBGROUPS:
     subgroups[key] = np.array([_text(r[key]) for r in records])
   if "age" in subgroups:  # Per-subgroup metrics need categories, not raw ages.
     subgroups["age_group"] = age_groups(subgroups.pop("age").astype(np.float32))
   channels = builder.info.features["image"].shape[-1]
   return Split(images=EncodedImages(source, channels), labels=labels, subgroups=subgroups)
-
-
-def _subgroup_keys(builder) -> list[str]:
-  return [k for k in builder.info.features if k not in ("image", "label", "id", "group")]
 
 
 def _text(value):

@@ -13,6 +13,7 @@ BUILDERS: dict[str, tuple[str, str, str]] = {
     "ham10000": ("peft_jax.data.builders.ham10000", "Ham10000", "ham10000"),
     "fitzpatrick17k": ("peft_jax.data.builders.fitzpatrick17k", "Fitzpatrick17k", "fitzpatrick17k"),
     "smdg": ("peft_jax.data.builders.smdg", "Smdg", "smdg"),
+    "iu_xray": ("peft_jax.data.builders.iu_xray", "IuXray", "iu_xray"),
 }
 
 

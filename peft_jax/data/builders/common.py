@@ -31,8 +31,9 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   """Base class: an image, a label, the example's id and group (patient / lesion), subgroups.
 
   Subclasses set CLASS_NAMES (or per-config names), CHANNELS, HOMEPAGE, CITATION, LAYOUT and
-  SUBGROUPS (extra string / float features kept for fairness reports), and implement
-  `_split_generators`.
+  SUBGROUPS (string / float features kept for fairness reports; an `age` becomes the
+  `age_group` subgroup when read), EXTRA_FEATURES (other stored fields, such as report
+  text), and implement `_split_generators`.
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -43,6 +44,7 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   CITATION = ""
   LAYOUT = ""
   SUBGROUPS: dict[str, tfds.features.FeatureConnector | type] = {}
+  EXTRA_FEATURES: dict[str, tfds.features.FeatureConnector | type] = {}  # e.g. report text
 
   def __init__(self, *, skip_bad_files: bool = False, max_side: int = MAX_SIDE, **kwargs):
     self.skip_bad_files = skip_bad_files
@@ -74,6 +76,7 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         "id": tfds.features.Text(),
         "group": tfds.features.Text(),
         **self.SUBGROUPS,
+        **self.EXTRA_FEATURES,
     }
     return tfds.core.DatasetInfo(
         builder=self, description=(type(self).__doc__ or "").strip(), features=tfds.features.FeaturesDict(features),
