@@ -61,6 +61,8 @@ def test_busi_real_images(shared_data, tmp_path):
   assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
   batch = next(data.train_batches(ds.train, batch_size=4, image_size=32, seed=0))
   assert batch["image"].shape == (4, 32, 32, 3) and batch["label"].dtype == np.int32
+  small = data.load_dataset(_cfg("busi", tmp_path, tmp_path / "tfds", fraction=0.2), seed=1)  # reuses the build
+  assert tuple(np.bincount(small.train.labels)) == (4, 4, 4) and small.train.images[0].shape == (256, 256, 1)
 
 
 def test_busi_corrupt_image_is_named_or_skipped_with_a_warning(shared_data, tmp_path):
