@@ -1,0 +1,170 @@
+"""Known public checkpoints, and their download into a verified local cache.
+
+A download goes to a temporary file in the cache directory, is hashed while it is
+written, and is renamed into place only when its sha256 matches: an interrupted or
+corrupted download never leaves a file that a later run would trust.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import logging
+import os
+import pathlib
+import tempfile
+import urllib.error
+import urllib.request
+
+from peft_jax.checkpoints.core import CheckpointError
+
+log = logging.getLogger("peft_jax.checkpoints")
+
+_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownCheckpoint:
+    arch: str  # model registry name the weights fit
+    url: str
+    format: str  # "google_npz", "timm", "torchvision"
+    filename: str  # name in the cache directory
+    # Full hex digest, or the hex prefix that torchvision puts in its file names (which
+    # torchvision itself checks); None where no digest is published: the hash of the
+    # downloaded file is then logged so that it can be pinned here.
+    sha256: str | None
+    description: str
+
+
+_GOOGLE = "https://storage.googleapis.com/vit_models"
+_TORCHVISION = "https://download.pytorch.org/models"
+
+KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
+    "vit_b16.i21k": KnownCheckpoint(
+        "vit_b16", f"{_GOOGLE}/imagenet21k/ViT-B_16.npz", "google_npz", "vit_b16.i21k.npz", None,
+        "ViT-B/16, ImageNet-21k (Dosovitskiy et al. 2021); head follows a pre-logits layer",
+    ),
+    "vit_l16.i21k": KnownCheckpoint(
+        "vit_l16", f"{_GOOGLE}/imagenet21k/ViT-L_16.npz", "google_npz", "vit_l16.i21k.npz", None,
+        "ViT-L/16, ImageNet-21k (Dosovitskiy et al. 2021)",
+    ),
+    "vit_h14.i21k": KnownCheckpoint(
+        "vit_h14", f"{_GOOGLE}/imagenet21k/ViT-H_14.npz", "google_npz", "vit_h14.i21k.npz", None,
+        "ViT-H/14, ImageNet-21k (Dosovitskiy et al. 2021)",
+    ),
+    "vit_b16.augreg_in21k": KnownCheckpoint(
+        "vit_b16", f"{_GOOGLE}/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
+        "google_npz", "vit_b16.augreg_in21k.npz", None,
+        "ViT-B/16, ImageNet-21k, AugReg (Steiner et al. 2022), the recommended i21k B/16",
+    ),
+    "vit_l16.augreg_in21k": KnownCheckpoint(
+        "vit_l16", f"{_GOOGLE}/augreg/L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0.npz",
+        "google_npz", "vit_l16.augreg_in21k.npz", None,
+        "ViT-L/16, ImageNet-21k, AugReg (Steiner et al. 2022), the recommended i21k L/16",
+    ),
+    "resnet18.tv_in1k": KnownCheckpoint(
+        "resnet18", f"{_TORCHVISION}/resnet18-f37072fd.pth", "torchvision", "resnet18-f37072fd.pth", "f37072fd",
+        "torchvision ResNet-18, ImageNet-1k (IMAGENET1K_V1)",
+    ),
+    "resnet34.tv_in1k": KnownCheckpoint(
+        "resnet34", f"{_TORCHVISION}/resnet34-b627a593.pth", "torchvision", "resnet34-b627a593.pth", "b627a593",
+        "torchvision ResNet-34, ImageNet-1k (IMAGENET1K_V1)",
+    ),
+    "resnet50.tv_in1k": KnownCheckpoint(
+        "resnet50", f"{_TORCHVISION}/resnet50-0676ba61.pth", "torchvision", "resnet50-0676ba61.pth", "0676ba61",
+        "torchvision ResNet-50, ImageNet-1k (IMAGENET1K_V1, the classic weights)",
+    ),
+    "resnet50.tv2_in1k": KnownCheckpoint(
+        "resnet50", f"{_TORCHVISION}/resnet50-11ad3fa6.pth", "torchvision", "resnet50-11ad3fa6.pth", "11ad3fa6",
+        "torchvision ResNet-50, ImageNet-1k (IMAGENET1K_V2, new training recipe)",
+    ),
+    "resnet101.tv_in1k": KnownCheckpoint(
+        "resnet101", f"{_TORCHVISION}/resnet101-63fe2227.pth", "torchvision", "resnet101-63fe2227.pth", "63fe2227",
+        "torchvision ResNet-101, ImageNet-1k (IMAGENET1K_V1)",
+    ),
+    "resnet50.a1_in1k": KnownCheckpoint(
+        "resnet50", "https://huggingface.co/timm/resnet50.a1_in1k/resolve/main/model.safetensors",
+        "timm", "resnet50.a1_in1k.safetensors", None,
+        "timm ResNet-50, ImageNet-1k, A1 recipe (Wightman et al. 2021)",
+    ),
+}
+
+
+def cache_dir() -> pathlib.Path:
+    """$PEFT_JAX_CACHE, else ~/.cache/peft_jax."""
+    return pathlib.Path(os.environ.get("PEFT_JAX_CACHE") or pathlib.Path.home() / ".cache" / "peft_jax").expanduser()
+
+
+def _offline() -> bool:
+    return os.environ.get("PEFT_JAX_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _manual_instructions(name: str, ckpt: KnownCheckpoint, dest: pathlib.Path) -> str:
+    return (
+        f"download {ckpt.url} by hand and save it as {dest} (or pass the file's path instead of {name!r}); "
+        f"set PEFT_JAX_CACHE to use another cache directory"
+    )
+
+
+def download(url: str, dest: pathlib.Path, sha256: str | None, *, progress: bool = True) -> pathlib.Path:
+    """Downloads `url` (http(s) or file://) to `dest`, verifying the sha256 (full digest or prefix)."""
+    from tqdm.auto import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+    tmp = pathlib.Path(tmp_name)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        actual = digest.hexdigest()
+        if sha256 is not None and not actual.startswith(sha256.lower()):
+            raise CheckpointError(f"sha256 mismatch for {url}: expected {sha256}, got {actual}; the file was discarded")
+        if sha256 is None:
+            log.warning("%s has no published sha256; the downloaded file's is %s", url, actual)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def fetch(name: str, *, progress: bool = True) -> pathlib.Path:
+    """The local path of registered checkpoint `name`, downloaded into the cache on first use."""
+    if name not in KNOWN_CHECKPOINTS:
+        close = difflib.get_close_matches(name, list(KNOWN_CHECKPOINTS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise CheckpointError(
+            f"{name!r} is neither a checkpoint file nor a registered checkpoint.{hint} "
+            f"Registered: {', '.join(KNOWN_CHECKPOINTS)}"
+        )
+    ckpt = KNOWN_CHECKPOINTS[name]
+    dest = cache_dir() / ckpt.filename
+    if dest.is_file():
+        return dest
+    if _offline():
+        raise CheckpointError(f"checkpoint {name!r} is not in the cache and PEFT_JAX_OFFLINE is set: "
+                              + _manual_instructions(name, ckpt, dest))
+    try:
+        return download(ckpt.url, dest, ckpt.sha256, progress=progress)
+    except (urllib.error.URLError, OSError) as e:
+        raise CheckpointError(f"could not download checkpoint {name!r} ({e}): "
+                              + _manual_instructions(name, ckpt, dest)) from e
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, *, arch: str | None = None) -> pathlib.Path:
+    """An existing file or directory as is; a registered name as its cached (or freshly downloaded) file.
+
+    With `arch`, a registered checkpoint made for another architecture is an error.
+    """
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if arch is not None and name in KNOWN_CHECKPOINTS and KNOWN_CHECKPOINTS[name].arch != arch:
+        raise CheckpointError(f"checkpoint {name!r} is a {KNOWN_CHECKPOINTS[name].arch}, not a {arch}")
+    return fetch(name)
