@@ -43,9 +43,11 @@ def run(main: Callable[[list[str]], None]) -> None:
 
     Set PEFT_JAX_DEBUG=1 for the full traceback.
     """
-    from absl import app
+    from absl import app, logging
 
     def guarded(argv: list[str]) -> None:
+        if not os.environ.get("PEFT_JAX_DEBUG"):
+            logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
         try:
             main(argv)
         except (ValueError, FileNotFoundError, KeyError, FloatingPointError, AttributeError) as e:
