@@ -39,7 +39,9 @@ def conv(cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.C
 def batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
     """torch BatchNorm2d defaults: momentum 0.1 in torch is 0.9 in Flax, eps 1e-5.
 
-    The two-pass variance keeps statistics exact when activations have a large mean.
+    The two-pass variance keeps statistics exact when activations have a large mean. One
+    difference remains: torch updates running_var with the unbiased batch variance, Flax
+    with the biased one (a factor n/(n-1), n = batch * height * width: negligible).
     """
     return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
 
