@@ -200,7 +200,7 @@ def merge(model: nnx.Module, cfg: ml_collections.ConfigDict) -> nnx.Module:
             raise ValueError(f"PEFT method {name!r} adds modules that cannot be merged into the backbone")
         if method.merge is not None:
             method.merge(model)
-    left = [path_str(p) for p, _ in nnx.state(model, nnx.Any(*ADAPTER_TYPES)).flat_state()]
+    left = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Any(*ADAPTER_TYPES)))]
     if left:
         raise RuntimeError(f"merge left adapter variables behind: {left[:5]}")
     return model
@@ -219,8 +219,8 @@ def param_report(model: nnx.Module, trainable: Filter) -> dict[str, Any]:
     head = path_regex(HEAD_PATTERN)
     groups = {"head": 0, "added": 0, "tuned": 0, "frozen": 0}
     is_trainable = nnx.filterlib.to_predicate(trainable)
-    for path, var in params.flat_state():
-        n = int(var.get_value().size) if hasattr(var, "get_value") else int(var.value.size)
+    for path, var in nnx.to_flat_state(params):
+        n = int(var.get_value().size)
         if not is_trainable(path, var):
             groups["frozen"] += n
         elif head(path, var):

@@ -23,7 +23,7 @@ CONFIG_FILE = "adapter_config.json"
 def state_hash(state: nnx.State) -> str:
     """sha256 over the sorted paths, shapes, dtypes and bytes of a state."""
     h = hashlib.sha256()
-    for path, var in sorted(state.flat_state(), key=lambda t: path_str(t[0])):
+    for path, var in sorted(nnx.to_flat_state(state), key=lambda t: path_str(t[0])):
         value = np.asarray(var.get_value())
         h.update(f"{path_str(path)}:{value.shape}:{value.dtype}".encode())
         h.update(np.ascontiguousarray(value).tobytes())
@@ -31,7 +31,7 @@ def state_hash(state: nnx.State) -> str:
 
 
 def flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
-    return {path_str(p): np.asarray(v.get_value()) for p, v in state.flat_state()}
+    return {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
 def save_adapter(directory: str | pathlib.Path, model: nnx.Module, trainable: Filter, *,
@@ -95,7 +95,7 @@ def load_adapter(model: nnx.Module, directory: str | pathlib.Path, trainable: Fi
         if missing or unexpected or wrong:
             raise ValueError(f"adapter {directory} does not fit this model: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
-        for path, var in state.flat_state():
+        for path, var in nnx.to_flat_state(state):
             var.set_value(jax.numpy.asarray(got[path_str(path)]))
         nnx.update(model, state)
     return meta

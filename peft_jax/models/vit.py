@@ -173,12 +173,16 @@ class ViT(nnx.Module):
     def encode(self, x: jax.Array) -> jax.Array:
         """Runs the transformer blocks over a token sequence."""
         if self.config.scan_layers:
-            def body(x, block):
-                return block(x)
+            # A plain lax.scan over the stacked block state: the blocks hold no state that
+            # changes in the forward pass, and a pure jax transform nests under any outer one.
+            graph, stacked = nnx.split(self.blocks)
+
+            def body(x, layer):
+                return nnx.merge(graph, layer)(x), None
 
             if self.config.remat:
-                body = nnx.remat(body)
-            return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+                body = jax.checkpoint(body, prevent_cse=False)
+            return jax.lax.scan(body, x, stacked)[0]
         for block in self.blocks:
             x = nnx.remat(lambda b, t: b(t))(block, x) if self.config.remat else block(x)
         return x

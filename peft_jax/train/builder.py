@@ -42,7 +42,7 @@ def load_native(model: nnx.Module, directory: pathlib.Path, num_classes: int) ->
     arrays = load_file(str(directory / ADAPTER_FILE))
     for prefix, filt in (("params/", nnx.Param), ("state/", nnx.BatchStat)):
         state = nnx.state(model, filt)
-        for path, var in state.flat_state():
+        for path, var in nnx.to_flat_state(state):
             key = prefix + path_str(path)
             if path[0] == "head" and (key not in arrays or arrays[key].shape != var.get_value().shape):
                 continue
