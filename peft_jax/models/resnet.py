@@ -66,6 +66,13 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     )
 
 
+class GlobalAvgPool(nnx.Module):
+    """Spatial mean, (N, H, W, C) -> (N, C). A module so that PEFT methods can act on the pooled feature."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x.mean(axis=(1, 2))
+
+
 class Downsample(nnx.Module):
     """Projection shortcut: 1x1 strided convolution + BatchNorm."""
 
@@ -149,6 +156,7 @@ class ResNet(nnx.Module):
                 cin = width * block_cls.expansion
             stages.append(nnx.List(stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = GlobalAvgPool()
         self.num_features = cin
         self.num_classes = num_classes
         self.head = linear(cin, num_classes, rngs)
@@ -159,7 +167,7 @@ class ResNet(nnx.Module):
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 x = block(x)
-        return x.mean(axis=(1, 2))
+        return self.pool(x)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.head(self.features(x))
