@@ -30,11 +30,16 @@ def main(argv: list[str]) -> None:
     from peft_jax.train import loop
 
     cfg = _CONFIG.value
+    runtime.init_distributed(cfg)
     workdir = pathlib.Path(_WORKDIR.value or f"runs/{pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).stem}")
     if cfg.dry_run:
         result = loop.dry_run(cfg, workdir)
     else:
-        result = loop.train_and_evaluate(cfg, workdir)
+        try:
+            result = loop.train_and_evaluate(cfg, workdir)
+        except loop.Preempted as e:
+            print(e, file=sys.stderr)
+            sys.exit(143)  # 128 + SIGTERM: schedulers requeue; rerunning continues from the saved step
         result = {k: result[k] for k in ("method", "model", "dataset", "trainable_params", "trainable_percent",
                                          "best_step", "val", "test")}
     print(json.dumps(result, indent=1, default=str))

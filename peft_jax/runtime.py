@@ -38,6 +38,22 @@ def setup() -> None:
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
+def init_distributed(cfg) -> None:
+    """Joins a multi-process run when ``distributed.enabled`` (before any other JAX call).
+
+    Unset fields fall back to JAX's own detection (SLURM, TPU pods, JAX_* environment variables).
+    On CPUs the processes talk through gloo collectives.
+    """
+    if not cfg.distributed.enabled:
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # affects CPU devices only
+    kwargs = {k: cfg.distributed[k] for k in ("coordinator_address", "num_processes", "process_id")
+              if cfg.distributed[k] is not None}
+    jax.distributed.initialize(**kwargs)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """``absl.app.run`` that turns configuration and data errors into one clear line and exit code 2.
 
@@ -57,4 +73,11 @@ def run(main: Callable[[list[str]], None]) -> None:
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(guarded)
+    try:
+        app.run(guarded)
+    except (AttributeError, KeyError, ValueError, TypeError) as e:  # raised while parsing --config.x=y overrides
+        if os.environ.get("PEFT_JAX_DEBUG"):
+            traceback.print_exc()
+        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+        print(f"error: bad --config override: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import signal
+import threading
 import time
 
 import jax
@@ -42,7 +44,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def check_workdir(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Refuses a workdir that holds another experiment's checkpoints; records this one's config."""
+    """Refuses a workdir that holds another experiment's checkpoints."""
     path = workdir / "config.json"
     current = json.loads(cfg.to_json())
     if path.is_file():
@@ -55,8 +57,11 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> None
                 f"workdir {workdir} holds checkpoints of a different experiment (differs in: "
                 + ", ".join(f"{k}: {previous.get(k)!r} there vs {now.get(k)!r} now" for k in differ[:6])
                 + "). Use a new --workdir, or delete that one to start over.")
+
+
+def record_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=2, sort_keys=True))
+    (workdir / "config.json").write_text(json.dumps(json.loads(cfg.to_json()), indent=2, sort_keys=True))
 
 
 def _model_size(cfg: ml_collections.ConfigDict) -> int:
@@ -67,11 +72,24 @@ def _put_batch(batch: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items() if k in ("image", "label")}
 
 
+def _local_rows(x: np.ndarray) -> np.ndarray:
+    """This process's contiguous share of a global batch that every process holds."""
+    n = jax.process_count()
+    per = x.shape[0] // n
+    return x[jax.process_index() * per:(jax.process_index() + 1) * per]
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the latest state was saved."""
+
+
 class Checkpoints:
     """Two orbax managers: the latest state (for resuming) and the best by validation macro-F1."""
 
     def __init__(self, workdir: pathlib.Path):
-        opts = dict(max_to_keep=1, enable_async_checkpointing=False, create=True)
+        # Saves go to a temporary folder renamed into place, so a kill mid-save leaves the previous
+        # checkpoint intact; leftovers of such a save are removed at the next start.
+        opts = dict(max_to_keep=1, enable_async_checkpointing=False, create=True, cleanup_tmp_directories=True)
         self.latest = ocp.CheckpointManager((workdir / "checkpoints" / "latest").absolute(),
                                             options=ocp.CheckpointManagerOptions(**opts))
         self.best = ocp.CheckpointManager((workdir / "checkpoints" / "best").absolute(),
@@ -97,7 +115,7 @@ def evaluate(steps: step_lib.Steps, state: dict, split: data_lib.Split, cfg: ml_
     bs = int(math.ceil(cfg.train.eval_batch_size / num_devices) * num_devices)
     logits, labels = [], []
     for batch in data_lib.eval_batches(split, batch_size=bs, image_size=_model_size(cfg)):
-        images = jax.make_array_from_process_local_data(steps.batch_sharding, batch["image"])
+        images = jax.make_array_from_process_local_data(steps.batch_sharding, _local_rows(batch["image"]))
         out = np.asarray(steps.eval(state["trainable"], state["frozen"], state["rest"], images))
         logits.append(out[batch["mask"]])
         labels.append(batch["label"][batch["mask"]])
@@ -129,11 +147,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     data = data_lib.load_dataset(cfg.dataset, seed=cfg.seed)
     built = builder.build(cfg, data.num_classes)
     report = param_report(built.model, built.trainable)
+    if jax.process_index() == 0:
+        record_config(cfg, workdir)  # only now: a run that could not start leaves nothing behind
     split = step_lib.split_model(built.model, built.trainable, freeze_bn_stats=cfg.train.bn_stats == "frozen")
     tx = optim.make_optimizer(cfg.train)
     opt_shape = jax.eval_shape(tx.init, split.trainable)
     steps = step_lib.compile_steps(split, tx, opt_shape, mesh, min_shard_size=cfg.mesh.min_shard_size,
-                                   label_smoothing=cfg.train.label_smoothing)
+                                   label_smoothing=cfg.train.label_smoothing, skip_nonfinite=cfg.train.skip_nonfinite)
     state = {
         "trainable": jax.device_put(split.trainable, steps.shardings["trainable"]),
         "frozen": jax.device_put(split.frozen, steps.shardings["frozen"]),
@@ -142,7 +162,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     state["opt_state"] = jax.jit(tx.init, out_shardings=steps.shardings["opt_state"])(state["trainable"])
 
     ckpts = Checkpoints(workdir)
-    meta = {"step": 0, "best_f1": -1.0, "best_step": -1, "bad_evals": 0, "stopped_early": False, "history": []}
+    meta = {"step": 0, "best_f1": -1.0, "best_step": -1, "bad_evals": 0, "stopped_early": False, "history": [],
+            "skipped_nonfinite": 0}
     saved = ("trainable", "rest", "opt_state")
     if ckpts.latest.latest_step() is not None:
         restored, meta = Checkpoints.restore(ckpts.latest, {k: state[k] for k in saved})
@@ -167,41 +188,76 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     t0 = time.time()
     bar = tqdm.tqdm(total=num_steps, initial=start, desc=f"{cfg.peft.method} on {cfg.dataset.name}",
                     disable=not cfg.train.progress or jax.process_index() != 0, dynamic_ncols=True)
-    step = start
-    while step < num_steps and not meta["stopped_early"]:
-        batch = _put_batch(next(batches), steps.batch_sharding)
-        state["trainable"], state["rest"], state["opt_state"], m = steps.train(
-            state["trainable"], state["frozen"], state["rest"], state["opt_state"], batch)
-        step += 1
-        bar.update(1)
-        if step % cfg.train.log_every == 0 or step == num_steps:
-            m = jax.device_get(m)
-            if not np.isfinite(m["loss"]):
+    log = (workdir / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
+
+    def check(step_metrics, at_step: int) -> dict:
+        """Host copy of one step's metrics; stops the run on a NaN/Inf unless it was skipped."""
+        m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if m["nonfinite"]:
+            if not cfg.train.skip_nonfinite:
                 raise FloatingPointError(
-                    f"non-finite loss {m['loss']} at step {step}; the last good checkpoint is step "
-                    f"{ckpts.latest.latest_step()} in {workdir / 'checkpoints/latest'}. Lower train.lr or check the data.")
-            bar.set_postfix(loss=f"{m['loss']:.4f}", best_f1=f"{meta['best_f1']:.3f}")
-            if writer:
-                for k, v in m.items():
-                    writer.add_scalar(f"train/{k}", float(v), step)
-        if step % cfg.train.eval_every == 0 or step == num_steps:
-            val, _ = evaluate(steps, state, data.validation, cfg, num_devices)
-            meta["history"].append({"step": step, "val_macro_f1": val["macro_f1"], "val_loss": val["loss"]})
-            if writer:
-                for k in ("macro_f1", "accuracy", "balanced_accuracy", "auroc", "ece", "loss"):
-                    writer.add_scalar(f"val/{k}", val[k], step)
-            if val["macro_f1"] > meta["best_f1"]:
-                meta.update(best_f1=val["macro_f1"], best_step=step, bad_evals=0, best_val=val)
-                Checkpoints.save(ckpts.best, step, {k: state[k] for k in saved}, meta)
-            else:
-                meta["bad_evals"] += 1
-                if cfg.train.patience and meta["bad_evals"] >= cfg.train.patience:
-                    meta["stopped_early"] = True
-                    print(f"[early stop] no better validation macro-F1 for {meta['bad_evals']} evaluations; "
-                          f"best {meta['best_f1']:.4f} at step {meta['best_step']}")
-            save_latest(step)
-        elif step % cfg.train.checkpoint_every == 0:
-            save_latest(step)
+                    f"non-finite loss or gradient (loss {m['loss']}, gradient norm {m['grad_norm']}) at step "
+                    f"{at_step}; nothing was saved after it. The last good checkpoint is step "
+                    f"{ckpts.latest.latest_step()} in {workdir / 'checkpoints' / 'latest'} (best: step "
+                    f"{ckpts.best.latest_step()}). Lower train.lr, check the data, or set "
+                    "train.skip_nonfinite=True to skip such updates.")
+            meta["skipped_nonfinite"] += 1
+        return m
+
+    stop = {"signal": None}
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)) \
+        if threading.current_thread() is threading.main_thread() else None
+    step = start
+    pending = None  # the previous step's metrics, checked one step late so the host never stalls the device
+    try:
+        while step < num_steps and not meta["stopped_early"]:
+            batch = _put_batch(next(batches), steps.batch_sharding)
+            state["trainable"], state["rest"], state["opt_state"], m = steps.train(
+                state["trainable"], state["frozen"], state["rest"], state["opt_state"], batch)
+            step += 1
+            bar.update(1)
+            if pending is not None:
+                check(*pending)
+            pending = (m, step)
+            evaluate_now = step % cfg.train.eval_every == 0 or step == num_steps
+            save_now = evaluate_now or step % cfg.train.checkpoint_every == 0 or stop["signal"]
+            if step % cfg.train.log_every == 0 or save_now:
+                host = check(*pending)
+                pending = None
+                bar.set_postfix(loss=f"{host['loss']:.4f}", best_f1=f"{meta['best_f1']:.3f}")
+                if log:
+                    log.write(json.dumps({"step": step, **host}) + "\n")
+                    log.flush()
+                if writer:
+                    for k, v in host.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+            if evaluate_now:
+                val, _ = evaluate(steps, state, data.validation, cfg, num_devices)
+                meta["history"].append({"step": step, "val_macro_f1": val["macro_f1"], "val_loss": val["loss"]})
+                if writer:
+                    for k in ("macro_f1", "accuracy", "balanced_accuracy", "auroc", "ece", "loss"):
+                        writer.add_scalar(f"val/{k}", val[k], step)
+                if val["macro_f1"] > meta["best_f1"]:
+                    meta.update(best_f1=val["macro_f1"], best_step=step, bad_evals=0, best_val=val)
+                    Checkpoints.save(ckpts.best, step, {k: state[k] for k in saved}, meta)
+                else:
+                    meta["bad_evals"] += 1
+                    if cfg.train.patience and meta["bad_evals"] >= cfg.train.patience:
+                        meta["stopped_early"] = True
+                        print(f"[early stop] no better validation macro-F1 for {meta['bad_evals']} evaluations; "
+                              f"best {meta['best_f1']:.4f} at step {meta['best_step']}")
+            if save_now:
+                save_latest(step)
+            if stop["signal"]:
+                raise Preempted(f"[preempted] SIGTERM at step {step}: saved {workdir / 'checkpoints' / 'latest'}; "
+                                "rerun the same command to continue")
+        if pending is not None:
+            check(*pending)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if log:
+            log.close()
     bar.close()
     train_seconds = time.time() - t0
 
@@ -227,6 +283,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         "best_step": int(best_meta["best_step"]),
         "steps_run": int(step),
         "stopped_early": bool(meta["stopped_early"]),
+        "skipped_nonfinite_steps": int(meta["skipped_nonfinite"]),
         "train_examples": int(len(data.train.labels)),
         "class_names": list(data.class_names),
         "val": best_meta.get("best_val", {}),

@@ -50,7 +50,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) 
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot).mean()
 
 
-def train_step_fn(graph: nnx.GraphDef, tx: optax.GradientTransformation, label_smoothing: float) -> Callable:
+def train_step_fn(graph: nnx.GraphDef, tx: optax.GradientTransformation, label_smoothing: float,
+                  skip_nonfinite: bool = False) -> Callable:
+    """One optimizer step. With ``skip_nonfinite`` a NaN/Inf loss or gradient leaves every state unchanged."""
+
     def step(trainable, frozen, rest, opt_state, batch):
         def loss_fn(trainable):
             model = nnx.merge(graph, trainable, frozen, rest)
@@ -60,14 +63,21 @@ def train_step_fn(graph: nnx.GraphDef, tx: optax.GradientTransformation, label_s
             return loss, (logits, new_rest)
 
         (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new_trainable, new_rest, new_opt_state = (
+                keep(new_trainable, trainable), keep(new_rest, rest), keep(new_opt_state, opt_state))
         metrics = {
             "loss": loss,
             "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
+            "nonfinite": ~finite,
         }
-        return trainable, new_rest, opt_state, metrics
+        return new_trainable, new_rest, new_opt_state, metrics
 
     return step
 
@@ -88,7 +98,7 @@ class Steps:
 
 
 def compile_steps(split: Split, tx: optax.GradientTransformation, opt_state_shape, mesh, *,
-                  min_shard_size: int, label_smoothing: float) -> Steps:
+                  min_shard_size: int, label_smoothing: float, skip_nonfinite: bool = False) -> Steps:
     """jit with explicit in/out shardings and donated state buffers."""
     sh = {
         "trainable": shd.tree_shardings(split.trainable, mesh, min_shard_size),
@@ -99,7 +109,7 @@ def compile_steps(split: Split, tx: optax.GradientTransformation, opt_state_shap
     batch_sh = shd.batch_sharding(mesh)
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     train = jax.jit(
-        train_step_fn(split.graph_train, tx, label_smoothing),
+        train_step_fn(split.graph_train, tx, label_smoothing, skip_nonfinite),
         in_shardings=(sh["trainable"], sh["frozen"], sh["rest"], sh["opt_state"], {"image": batch_sh, "label": batch_sh}),
         out_shardings=(sh["trainable"], sh["rest"], sh["opt_state"], replicated),
         donate_argnums=(0, 2, 3),
