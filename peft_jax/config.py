@@ -32,6 +32,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft.alpha = 8.0
     c.peft.targets = "qv"  # preset (qv, qkv, attn, all) or a regex on module paths
     c.peft.ssf_init_std = ml_collections.config_dict.placeholder(float)
+    c.peft.num_tokens = 10  # VPT prompt tokens (per layer for vpt_deep)
+    c.peft.prompt_dropout = 0.0  # VPT dropout on the prompt tokens (Jia et al.'s default)
+    c.peft.bottleneck = 64  # hidden width of adapter_houlsby / adapter_pfeiffer / adaptformer
+    c.peft.activation = "relu"  # bottleneck adapters' non-linearity: relu or gelu
+    c.peft.scale = ml_collections.config_dict.placeholder(float)  # adapter output scale (None: the method's default)
+    c.peft.dropout = ml_collections.config_dict.placeholder(float)  # dropout inside fact/repadapter/convpass (None: 0.1)
+    c.peft.groups = 2  # RepAdapter's grouped up-projection
+    c.peft.tsa_form = "matrix"  # TSA adapters: "matrix" (parallel 1x1 convolution) or "channel" (per-channel scale)
+    c.peft.tsa_alignment = False  # TSA: also the pre-classifier alignment (a DxD map of the pooled feature)
+    c.peft.reduction = 8  # Conv-Adapter's channel compression gamma (hidden channels = C_in / gamma)
+    c.peft.num_blocks = 1  # partial: how many of the last residual blocks fine-tune
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "breastmnist"
@@ -61,6 +72,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.patience = 10  # evaluations without a better validation macro-F1 before stopping (0: never)
     c.train.bn_stats = "update"  # ResNet BatchNorm running statistics: "update" or "frozen"
     c.train.progress = True
+    c.train.skip_nonfinite = False  # True: skip (and count) updates whose loss or gradient is NaN/Inf
+
+    # Multi-process runs (one process per host): None takes JAX's own detection (SLURM, TPU pods,
+    # or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+    c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+    c.distributed.process_id = ml_collections.config_dict.placeholder(int)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
