@@ -128,6 +128,28 @@ def leading_shape(kernel: jax.Array, core_ndim: int) -> tuple[int, ...]:
     return tuple(kernel.shape[: kernel.ndim - core_ndim])
 
 
+def is_scanned(model: nnx.Module) -> bool:
+    """True for a ViT built with ``scan_layers``: its blocks are one module with a leading layer axis."""
+    return bool(getattr(getattr(model, "config", None), "scan_layers", False))
+
+
+def adapter_dropout(model: nnx.Module, rate: float, rngs: nnx.Rngs, *, what: str) -> nnx.Dropout:
+    """Dropout inside an adapter, with its own random stream (state that advances every step).
+
+    A scanned ViT runs its blocks with a plain scan that keeps no state changed in the forward
+    pass, so a dropout stream inside them would repeat the same mask: refused there.
+    """
+    if rate < 0 or rate >= 1:
+        raise ValueError(f"{what}: dropout must be in [0, 1), got {rate}")
+    if rate == 0:
+        return nnx.Dropout(0.0)
+    if is_scanned(model):
+        raise ValueError(f"{what}: dropout {rate} inside the blocks of a model with model.scan_layers=True is not "
+                         "supported (a scanned block cannot advance a random stream); set it to 0 or use "
+                         "model.scan_layers=False")
+    return nnx.Dropout(rate, rngs=nnx.Rngs(dropout=rngs.params()))
+
+
 # --------------------------------------------------------------------------- registry
 
 

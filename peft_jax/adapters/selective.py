@@ -37,6 +37,13 @@ register(Method(
 ))
 
 register(Method(
+    name="attention_tune",
+    doc="Attention tuning (Touvron et al. 2022): the query, key, value and output projections of every block.",
+    trainable=lambda cfg: path_regex(rf"attn/{WRAPPED}(query|key|value|out)/{WRAPPED}(kernel|bias)$"),
+    archs=("vit",),
+))
+
+register(Method(
     name="bn_tune",
     doc="BatchNorm tuning: gamma and beta of every ResNet BatchNorm, and the head.",
     trainable=lambda cfg: path_regex(rf"(^|/)bn\d*/{WRAPPED}(scale|bias)$"),

@@ -1,0 +1,142 @@
+"""FacT (Jie & Deng 2023): the weight updates of the whole ViT as one factorised tensor.
+
+Every attention projection and MLP layer is cut into width x width blocks (q, k, v, out: one
+each; fc1 and fc2: four each; 12 per block). Each block's update is ``s * U C_i V`` with ``U``
+(width, r) and ``V`` (r, width) shared by all blocks of all layers and a small core ``C_i``:
+
+- ``fact_tt`` (tensor train): every block has its own r x r core.
+- ``fact_tk`` (Tucker): the cores are ``C_i = sum_k G[:, :, k] P[k, i]`` from one shared
+  r x r x r tensor ``G`` and a per-block column of ``P``.
+
+``V`` starts at zero (the identity), ``U`` and the cores as in the reference code; dropout
+(``peft.dropout``, default 0.1) acts on the core's output, scale ``peft.scale`` (default 1),
+rank ``peft.rank``. The update is linear, so FacT merges. ``U``/``V`` are shared across layers,
+which a scanned (stacked) model cannot hold: use ``model.scan_layers=False``.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from peft_jax.adapters.core import (
+    AdapterParam, Method, adapter_dropout, adapter_variables, is_scanned, iter_wrapped, modules_matching, register,
+    replace_module,
+)
+
+TARGETS = r"(attn/(query|key|value|out)|mlp/(fc1|fc2))$"
+
+
+class FacTShared(nnx.Module):
+    """The factors every FacT layer shares: U, V, the Tucker core tensor (fact_tk) and the dropout."""
+
+    def __init__(self, width: int, rank: int, tucker: bool, num_cores: int, dropout: nnx.Dropout, *, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(width)  # nn.Linear's default (Kaiming-uniform, a=sqrt(5))
+        self.u = AdapterParam(jax.random.uniform(rngs.params(), (width, rank), jnp.float32, -bound, bound))
+        self.v = AdapterParam(jnp.zeros((rank, width), jnp.float32))
+        self.tucker = tucker
+        if tucker:  # Xavier-uniform on (r, r, r): fans r*r and r*r
+            g = math.sqrt(6.0 / (2 * rank * rank))
+            self.core_tensor = AdapterParam(jax.random.uniform(rngs.params(), (rank, rank, rank), jnp.float32, -g, g))
+            # P is one (r, num_cores) Xavier-uniform matrix in the paper; each layer holds its own columns.
+            self.p_bound = math.sqrt(6.0 / (rank + num_cores))
+        self.dropout = dropout
+
+
+class FacTLinear(nnx.Module):
+    """``base(x) + s * blockwise(U C V)``: the kernel (nin*w, nout*w) gets one r x r core per w x w block."""
+
+    def __init__(self, base: nnx.Linear, shared: FacTShared, scale: float, *, rngs: nnx.Rngs):
+        din, dout = base.kernel[...].shape
+        width, rank = shared.u[...].shape
+        if din % width or dout % width:
+            raise ValueError(f"fact: a {din}x{dout} layer is not made of {width}x{width} blocks")
+        self.base = base
+        self.shared = shared
+        self.scale = scale
+        self.blocks = (din // width, dout // width)
+        n = self.blocks[0] * self.blocks[1]
+        if shared.tucker:
+            self.p = AdapterParam(jax.random.uniform(rngs.params(), (rank, n), jnp.float32,
+                                                     -shared.p_bound, shared.p_bound))
+        else:  # one nn.Linear(r * nin, r * nout, bias=False) per layer in the reference code
+            bound = 1.0 / math.sqrt(rank * self.blocks[0])
+            self.cores = AdapterParam(jax.random.uniform(rngs.params(), self.blocks + (rank, rank), jnp.float32,
+                                                         -bound, bound))
+
+    def core(self) -> jax.Array:
+        """(nin, nout, r, r)."""
+        if self.shared.tucker:
+            r = self.p.shape[0]
+            return jnp.einsum("abk,kn->nab", self.shared.core_tensor[...], self.p[...]).reshape(self.blocks + (r, r))
+        return self.cores[...]
+
+    def delta(self) -> jax.Array:
+        """The kernel update (in, out)."""
+        u, v = self.shared.u[...], self.shared.v[...]
+        d = jnp.einsum("ar,ijrs,sb->iajb", u, self.core(), v)
+        return self.scale * d.reshape(u.shape[0] * self.blocks[0], v.shape[1] * self.blocks[1])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        u, v = self.shared.u[...].astype(dt), self.shared.v[...].astype(dt)
+        nin, nout = self.blocks
+        h = x.reshape(x.shape[:-1] + (nin, u.shape[0])) @ u  # (..., nin, r)
+        h = jnp.einsum("...ir,ijrs->...js", h, self.core().astype(dt))  # (..., nout, r)
+        h = self.shared.dropout(h) @ v  # (..., nout, w)
+        return self.base(x) + self.scale * h.reshape(x.shape[:-1] + (nout * v.shape[1],))
+
+
+def _surgery(tucker: bool):
+    name = "fact_tk" if tucker else "fact_tt"
+
+    def surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
+        if is_scanned(model):
+            raise ValueError(f"{name} shares its factors U and V across all layers, which the stacked blocks of "
+                             "model.scan_layers=True cannot hold; use model.scan_layers=False")
+        rank = int(cfg.rank)
+        if rank < 1:
+            raise ValueError(f"peft.rank must be a positive integer, got {cfg.rank}")
+        targets = modules_matching(model, (nnx.Linear,), TARGETS)
+        if not targets:
+            raise ValueError(f"{name}: no attention or MLP linear layers found")
+        width = model.config.hidden_size
+        num_cores = sum(m.kernel.shape[0] * m.kernel.shape[1] // width**2 for _, m in targets)
+        rate = float(cfg.dropout) if cfg.get("dropout") is not None else 0.1
+        dropout = adapter_dropout(model, rate, rngs, what=f"{name} (peft.dropout)")
+        shared = FacTShared(width, rank, tucker, num_cores, dropout, rngs=rngs)
+        scale = float(cfg.scale) if cfg.get("scale") is not None else 1.0
+        for path, m in sorted(targets, key=lambda t: -len(t[0])):
+            replace_module(model, path, FacTLinear(m, shared, scale, rngs=rngs))
+
+    return surgery
+
+
+def fact_merge(model: nnx.Module) -> None:
+    for path, wrapper in iter_wrapped(model, FacTLinear):
+        base = wrapper.base
+        kernel = base.kernel[...]
+        base.kernel[...] = (kernel + wrapper.delta()).astype(kernel.dtype)
+        replace_module(model, path, base)
+
+
+register(Method(
+    name="fact_tt",
+    doc="FacT-TT: tensor-train-factorised updates of all attention and MLP weights (shared U, V; r x r cores).",
+    trainable=lambda cfg: adapter_variables,
+    surgery=_surgery(tucker=False),
+    merge=fact_merge,
+    archs=("vit",),
+))
+
+register(Method(
+    name="fact_tk",
+    doc="FacT-TK: Tucker-factorised updates of all attention and MLP weights (shared U, V and core tensor).",
+    trainable=lambda cfg: adapter_variables,
+    surgery=_surgery(tucker=True),
+    merge=fact_merge,
+    archs=("vit",),
+))
