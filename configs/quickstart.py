@@ -24,7 +24,7 @@ def get_config():
     c.peft.alpha = 8.0
     c.dataset.name = "breastmnist"
     c.dataset.fraction = 0.25
-    c.train.num_steps = 120
+    c.train.num_steps = 100
     c.train.batch_size = 32
     c.train.lr = 5e-3
     c.train.warmup_steps = 12
@@ -35,7 +35,7 @@ def get_config():
 
     c.quickstart = ml_collections.ConfigDict()
     c.quickstart.pretrain_dataset = "pneumoniamnist"
-    c.quickstart.pretrain_steps = 300
+    c.quickstart.pretrain_steps = 240
     c.quickstart.pretrain_lr = 1e-3
     c.quickstart.pretrain_batch_size = 64
     c.quickstart.methods = "linear,full,lora,ssf,scratch"  # "scratch": full training from random weights
