@@ -19,26 +19,26 @@ __all__ = ["DatasetSplits", "Split", "class_counts", "dataset_names", "eval_batc
 
 
 def dataset_names() -> list[str]:
-  """Every valid `dataset.name`."""
-  return sorted([*medmnist.NAMES, *builders.BUILDERS])
+    """Every valid `dataset.name`."""
+    return sorted([*medmnist.NAMES, *builders.BUILDERS])
 
 
 def load_dataset(cfg: ml_collections.ConfigDict, *, seed: int) -> DatasetSplits:
-  """The splits of the dataset that `cfg` (an experiment's `dataset` sub-config) names.
+    """The splits of the dataset that `cfg` (an experiment's `dataset` sub-config) names.
 
-  `cfg.fraction` < 1 keeps a stratified subsample of the training split (seeded by `seed`,
-  at least one example per class); validation and test are never subsampled.
-  """
-  fraction = float(cfg.get("fraction", 1.0))
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"dataset.fraction must be in (0, 1], got {fraction!r}.")
-  name = cfg.get("name")
-  if name in medmnist.NAMES:
-    splits = medmnist.load(cfg)
-  elif name in builders.BUILDERS:
-    splits = tfds_loader.load(cfg)
-  else:
-    raise ValueError(f"Unknown dataset.name {name!r}; valid names: {', '.join(dataset_names())}.")
-  if fraction < 1.0:
-    splits.train = splits.train.take(stratified_subsample(splits.train.labels, fraction, seed))
-  return splits
+    `cfg.fraction` < 1 keeps a stratified subsample of the training split (seeded by `seed`,
+    at least one example per class); validation and test are never subsampled.
+    """
+    fraction = float(cfg.get("fraction", 1.0))
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"dataset.fraction must be in (0, 1], got {fraction!r}.")
+    name = cfg.get("name")
+    if name in medmnist.NAMES:
+        splits = medmnist.load(cfg)
+    elif name in builders.BUILDERS:
+        splits = tfds_loader.load(cfg)
+    else:
+        raise ValueError(f"Unknown dataset.name {name!r}; valid names: {', '.join(dataset_names())}.")
+    if fraction < 1.0:
+        splits.train = splits.train.take(stratified_subsample(splits.train.labels, fraction, seed))
+    return splits

@@ -104,62 +104,62 @@ NAMES = tuple(INFO)
 
 
 def filename(name: str, size: int) -> str:
-  return f"{name}.npz" if size == 28 else f"{name}_{size}.npz"
+    return f"{name}.npz" if size == 28 else f"{name}_{size}.npz"
 
 
 def search_dirs(data_dir: str | None) -> list[pathlib.Path]:
-  """Where a MedMNIST file is looked for, in order."""
-  dirs = []
-  if data_dir:
-    dirs.append(pathlib.Path(data_dir))
-  if os.environ.get("PEFT_JAX_DATA"):
-    dirs.append(pathlib.Path(os.environ["PEFT_JAX_DATA"]) / "medmnist")
-  dirs.append(download_lib.cache_dir("medmnist"))
-  return dirs
+    """Where a MedMNIST file is looked for, in order."""
+    dirs = []
+    if data_dir:
+        dirs.append(pathlib.Path(data_dir))
+    if os.environ.get("PEFT_JAX_DATA"):
+        dirs.append(pathlib.Path(os.environ["PEFT_JAX_DATA"]) / "medmnist")
+    dirs.append(download_lib.cache_dir("medmnist"))
+    return dirs
 
 
 def find_or_download(name: str, size: int, *, data_dir: str | None, download: bool) -> pathlib.Path:
-  """The path of the `.npz` for (name, size), downloading it into the cache if allowed."""
-  fname = filename(name, size)
-  dirs = search_dirs(data_dir)
-  for folder in dirs:
-    if (folder / fname).is_file():
-      return folder / fname
-  url = URL.format(filename=fname)
-  places = ", ".join(str(d) for d in dirs)
-  if not download:
-    raise FileNotFoundError(
-        f"MedMNIST dataset {name!r} (size {size}): {fname} was not found in {places}. "
-        f"Download it from {url} into one of these folders (or set dataset.data_dir), "
-        f"or set dataset.download=True.")
-  destination = download_lib.cache_dir("medmnist") / fname
-  hint = f"Download {url} by hand and put it in one of: {places}."
-  return download_lib.download(url, destination, INFO[name]["md5"][size], manual_hint=hint)
+    """The path of the `.npz` for (name, size), downloading it into the cache if allowed."""
+    fname = filename(name, size)
+    dirs = search_dirs(data_dir)
+    for folder in dirs:
+        if (folder / fname).is_file():
+            return folder / fname
+    url = URL.format(filename=fname)
+    places = ", ".join(str(d) for d in dirs)
+    if not download:
+        raise FileNotFoundError(
+            f"MedMNIST dataset {name!r} (size {size}): {fname} was not found in {places}. "
+            f"Download it from {url} into one of these folders (or set dataset.data_dir), "
+            f"or set dataset.download=True.")
+    destination = download_lib.cache_dir("medmnist") / fname
+    hint = f"Download {url} by hand and put it in one of: {places}."
+    return download_lib.download(url, destination, INFO[name]["md5"][size], manual_hint=hint)
 
 
 def load(cfg: ml_collections.ConfigDict) -> DatasetSplits:
-  """The official train / val / test splits of one MedMNIST dataset (`cfg.name`, `cfg.size`)."""
-  name = cfg.name
-  size = int(cfg.get("size", 28) or 28)
-  if size not in SIZES:
-    raise ValueError(f"dataset.size must be one of {SIZES} for MedMNIST, got {size!r}.")
-  if INFO[name].get("multi_label"):
-    raise ValueError(
-        f"{name} is multi-label (14 findings per image, any number of them present); peft_jax trains "
-        f"single-label classifiers. Choose another MedMNIST dataset, e.g. pneumoniamnist.")
-  path = find_or_download(name, size, data_dir=cfg.get("data_dir"), download=bool(cfg.get("download", True)))
-  with np.load(path, allow_pickle=False) as npz:
-    missing = [f"{s}_{kind}" for s in ("train", "val", "test") for kind in ("images", "labels")
-               if f"{s}_{kind}" not in npz.files]
-    if missing:
-      raise ValueError(f"{path} is not a MedMNIST file: it lacks the arrays {missing}. Delete it and "
-                       f"download {filename(name, size)} again.")
-    splits = {s: _split(npz[f"{s}_images"], npz[f"{s}_labels"]) for s in ("train", "val", "test")}
-  return DatasetSplits(name=name, class_names=list(INFO[name]["classes"]), train=splits["train"],
-                       validation=splits["val"], test=splits["test"])
+    """The official train / val / test splits of one MedMNIST dataset (`cfg.name`, `cfg.size`)."""
+    name = cfg.name
+    size = int(cfg.get("size", 28) or 28)
+    if size not in SIZES:
+        raise ValueError(f"dataset.size must be one of {SIZES} for MedMNIST, got {size!r}.")
+    if INFO[name].get("multi_label"):
+        raise ValueError(
+            f"{name} is multi-label (14 findings per image, any number of them present); peft_jax trains "
+            f"single-label classifiers. Choose another MedMNIST dataset, e.g. pneumoniamnist.")
+    path = find_or_download(name, size, data_dir=cfg.get("data_dir"), download=bool(cfg.get("download", True)))
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [f"{s}_{kind}" for s in ("train", "val", "test") for kind in ("images", "labels")
+                   if f"{s}_{kind}" not in npz.files]
+        if missing:
+            raise ValueError(f"{path} is not a MedMNIST file: it lacks the arrays {missing}. Delete it and "
+                             f"download {filename(name, size)} again.")
+        splits = {s: _split(npz[f"{s}_images"], npz[f"{s}_labels"]) for s in ("train", "val", "test")}
+    return DatasetSplits(name=name, class_names=list(INFO[name]["classes"]), train=splits["train"],
+                         validation=splits["val"], test=splits["test"])
 
 
 def _split(images: np.ndarray, labels: np.ndarray) -> Split:
-  if images.ndim == 3:  # Grey-scale files store (N, S, S).
-    images = images[..., None]
-  return Split(images=np.ascontiguousarray(images, dtype=np.uint8), labels=labels.reshape(-1).astype(np.int32))
+    if images.ndim == 3:  # Grey-scale files store (N, S, S).
+        images = images[..., None]
+    return Split(images=np.ascontiguousarray(images, dtype=np.uint8), labels=labels.reshape(-1).astype(np.int32))

@@ -9,87 +9,87 @@ import numpy as np
 
 @dataclasses.dataclass
 class Split:
-  """One split of a classification dataset.
+    """One split of a classification dataset.
 
-  `images` is a uint8 array (N, H, W, C) with C in {1, 3} for small datasets held in memory,
-  or any sequence of such (H, W, C) arrays (datasets read lazily from disk, whose images
-  differ in size). `labels` is always in memory so that splits can be stratified and counted.
-  `subgroups` maps a metadata field (sex, age_group, skin_type, ...) to one value per
-  example, for per-subgroup (fairness) metrics.
-  """
+    `images` is a uint8 array (N, H, W, C) with C in {1, 3} for small datasets held in memory,
+    or any sequence of such (H, W, C) arrays (datasets read lazily from disk, whose images
+    differ in size). `labels` is always in memory so that splits can be stratified and counted.
+    `subgroups` maps a metadata field (sex, age_group, skin_type, ...) to one value per
+    example, for per-subgroup (fairness) metrics.
+    """
 
-  images: np.ndarray | Sequence[np.ndarray]
-  labels: np.ndarray
-  subgroups: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    images: np.ndarray | Sequence[np.ndarray]
+    labels: np.ndarray
+    subgroups: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
-  def __post_init__(self):
-    self.labels = np.asarray(self.labels, dtype=np.int32).reshape(-1)
-    if len(self.images) != len(self.labels):
-      raise ValueError(f"Split has {len(self.images)} images but {len(self.labels)} labels.")
-    for key, values in self.subgroups.items():
-      if len(values) != len(self.labels):
-        raise ValueError(f"Subgroup {key!r} has {len(values)} values for {len(self.labels)} examples.")
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.int32).reshape(-1)
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"Split has {len(self.images)} images but {len(self.labels)} labels.")
+        for key, values in self.subgroups.items():
+            if len(values) != len(self.labels):
+                raise ValueError(f"Subgroup {key!r} has {len(values)} values for {len(self.labels)} examples.")
 
-  def __len__(self) -> int:
-    return len(self.labels)
+    def __len__(self) -> int:
+        return len(self.labels)
 
-  def take(self, indices: np.ndarray) -> "Split":
-    """The examples at `indices` (a subsample), images included."""
-    if isinstance(self.images, np.ndarray):
-      images: Any = self.images[indices]
-    else:
-      images = _Subset(self.images, indices)
-    return Split(images, self.labels[indices], {k: np.asarray(v)[indices] for k, v in self.subgroups.items()})
+    def take(self, indices: np.ndarray) -> "Split":
+        """The examples at `indices` (a subsample), images included."""
+        if isinstance(self.images, np.ndarray):
+            images: Any = self.images[indices]
+        else:
+            images = _Subset(self.images, indices)
+        return Split(images, self.labels[indices], {k: np.asarray(v)[indices] for k, v in self.subgroups.items()})
 
 
 class _Subset:
-  """A lazy view of some items of a lazy image sequence, so subsampling never loads images."""
+    """A lazy view of some items of a lazy image sequence, so subsampling never loads images."""
 
-  def __init__(self, items: Sequence[np.ndarray], indices: np.ndarray):
-    self._items = items
-    self._indices = np.asarray(indices)
+    def __init__(self, items: Sequence[np.ndarray], indices: np.ndarray):
+        self._items = items
+        self._indices = np.asarray(indices)
 
-  def __len__(self) -> int:
-    return len(self._indices)
+    def __len__(self) -> int:
+        return len(self._indices)
 
-  def __getitem__(self, index: int) -> np.ndarray:
-    return self._items[int(self._indices[index])]
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._items[int(self._indices[index])]
 
 
 @dataclasses.dataclass
 class DatasetSplits:
-  """A dataset's train / validation / test splits and the names of its classes."""
+    """A dataset's train / validation / test splits and the names of its classes."""
 
-  name: str
-  class_names: list[str]
-  train: Split
-  validation: Split
-  test: Split
+    name: str
+    class_names: list[str]
+    train: Split
+    validation: Split
+    test: Split
 
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 def stratified_subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-  """Sorted indices of a seeded subsample keeping `fraction` of every class (at least one each).
+    """Sorted indices of a seeded subsample keeping `fraction` of every class (at least one each).
 
-  Each class is permuted once by the seed and a prefix is kept, so for one seed a smaller
-  fraction is a subset of a larger one: low-data runs are nested, not independent draws.
-  """
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"dataset.fraction must be in (0, 1], got {fraction!r}.")
-  labels = np.asarray(labels).reshape(-1)
-  rng = np.random.default_rng(seed)
-  keep = []
-  for cls in np.unique(labels):
-    members = rng.permutation(np.flatnonzero(labels == cls))
-    count = max(1, int(round(fraction * len(members))))
-    keep.append(members[:count])
-  return np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)
+    Each class is permuted once by the seed and a prefix is kept, so for one seed a smaller
+    fraction is a subset of a larger one: low-data runs are nested, not independent draws.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"dataset.fraction must be in (0, 1], got {fraction!r}.")
+    labels = np.asarray(labels).reshape(-1)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        count = max(1, int(round(fraction * len(members))))
+        keep.append(members[:count])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)
 
 
 def class_counts(split: Split, class_names: Sequence[str]) -> dict[str, int]:
-  """Examples per class, by class name (the form prepare_data.py prints)."""
-  counts = np.bincount(split.labels, minlength=len(class_names))
-  return {name: int(n) for name, n in zip(class_names, counts)}
+    """Examples per class, by class name (the form prepare_data.py prints)."""
+    counts = np.bincount(split.labels, minlength=len(class_names))
+    return {name: int(n) for name, n in zip(class_names, counts)}

@@ -22,87 +22,87 @@ SPLITS = ("train", "validation", "test")
 
 
 def default_manual_dir(name: str) -> pathlib.Path | None:
-  root = os.environ.get("PEFT_JAX_DATA")
-  return pathlib.Path(root) / builders.family(name) if root else None
+    root = os.environ.get("PEFT_JAX_DATA")
+    return pathlib.Path(root) / builders.family(name) if root else None
 
 
 def make_builder(name: str, *, data_dir: str | os.PathLike | None = None, config: str | None = None,
                  skip_bad_files: bool = False):
-  """The TFDS builder of `name`, writing / reading array_record files under `data_dir`."""
-  data_dir = os.fspath(data_dir) if data_dir else os.fspath(download_lib.cache_dir("tfds"))
-  return builders.get(name)(data_dir=data_dir, config=config, file_format="array_record",
-                            skip_bad_files=skip_bad_files)
+    """The TFDS builder of `name`, writing / reading array_record files under `data_dir`."""
+    data_dir = os.fspath(data_dir) if data_dir else os.fspath(download_lib.cache_dir("tfds"))
+    return builders.get(name)(data_dir=data_dir, config=config, file_format="array_record",
+                              skip_bad_files=skip_bad_files)
 
 
 def prepare(name: str, *, manual_dir: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
             config: str | None = None, skip_bad_files: bool = False):
-  """Builds the dataset from its release files unless already prepared; returns the builder."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    """Builds the dataset from its release files unless already prepared; returns the builder."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  builder = make_builder(name, data_dir=data_dir, config=config, skip_bad_files=skip_bad_files)
-  if _is_prepared(builder):
+    builder = make_builder(name, data_dir=data_dir, config=config, skip_bad_files=skip_bad_files)
+    if _is_prepared(builder):
+        return builder
+    manual = pathlib.Path(manual_dir) if manual_dir else default_manual_dir(name)
+    if manual is None or not manual.is_dir():
+        raise FileNotFoundError(
+            f"Dataset {name!r} is not prepared in {builder.data_dir} and its manual directory "
+            f"{str(manual) if manual else '(unset)'} does not exist. Set dataset.manual_dir (or $PEFT_JAX_DATA). "
+            f"{builder.manual_instructions()}")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual)))
     return builder
-  manual = pathlib.Path(manual_dir) if manual_dir else default_manual_dir(name)
-  if manual is None or not manual.is_dir():
-    raise FileNotFoundError(
-        f"Dataset {name!r} is not prepared in {builder.data_dir} and its manual directory "
-        f"{str(manual) if manual else '(unset)'} does not exist. Set dataset.manual_dir (or $PEFT_JAX_DATA). "
-        f"{builder.manual_instructions()}")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual)))
-  return builder
 
 
 def _is_prepared(builder) -> bool:
-  return (pathlib.Path(builder.data_dir) / "dataset_info.json").is_file()
+    return (pathlib.Path(builder.data_dir) / "dataset_info.json").is_file()
 
 
 def load(cfg: ml_collections.ConfigDict) -> DatasetSplits:
-  """The train / validation / test splits of a TFDS-built dataset, images decoded lazily."""
-  builder = prepare(cfg.name, manual_dir=cfg.get("manual_dir"), data_dir=cfg.get("data_dir"),
-                    config=cfg.get("config"), skip_bad_files=bool(cfg.get("skip_bad_files", False)))
-  splits = {s: read_split(builder, s) for s in SPLITS}
-  return DatasetSplits(name=cfg.name, class_names=list(builder.info.features["label"].names), **splits)
+    """The train / validation / test splits of a TFDS-built dataset, images decoded lazily."""
+    builder = prepare(cfg.name, manual_dir=cfg.get("manual_dir"), data_dir=cfg.get("data_dir"),
+                      config=cfg.get("config"), skip_bad_files=bool(cfg.get("skip_bad_files", False)))
+    splits = {s: read_split(builder, s) for s in SPLITS}
+    return DatasetSplits(name=cfg.name, class_names=list(builder.info.features["label"].names), **splits)
 
 
 def read_split(builder, split: str) -> Split:
-  """Labels and subgroups in memory; images stay encoded on disk until a batch needs them."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    """Labels and subgroups in memory; images stay encoded on disk until a batch needs them."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-  records = source.__getitems__(range(len(source))) if len(source) else []
-  labels = np.array([r["label"] for r in records], dtype=np.int32)
-  subgroups = {}
-  for key in builder.SUBGROUPS:
-    subgroups[key] = np.array([_text(r[key]) for r in records])
-  if "age" in subgroups:  # Per-subgroup metrics need categories, not raw ages.
-    subgroups["age_group"] = age_groups(subgroups.pop("age").astype(np.float32))
-  channels = builder.info.features["image"].shape[-1]
-  return Split(images=EncodedImages(source, channels), labels=labels, subgroups=subgroups)
+    source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    records = source.__getitems__(range(len(source))) if len(source) else []
+    labels = np.array([r["label"] for r in records], dtype=np.int32)
+    subgroups = {}
+    for key in builder.SUBGROUPS:
+        subgroups[key] = np.array([_text(r[key]) for r in records])
+    if "age" in subgroups:  # Per-subgroup metrics need categories, not raw ages.
+        subgroups["age_group"] = age_groups(subgroups.pop("age").astype(np.float32))
+    channels = builder.info.features["image"].shape[-1]
+    return Split(images=EncodedImages(source, channels), labels=labels, subgroups=subgroups)
 
 
 def _text(value):
-  return value.decode("utf-8") if isinstance(value, bytes) else value
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 def age_groups(ages: np.ndarray) -> np.ndarray:
-  """Twenty-year age bins ("0-19" ... "80+"), "unknown" for missing (negative or NaN) ages."""
-  bins = np.array(["0-19", "20-39", "40-59", "60-79", "80+"])
-  valid = np.isfinite(ages) & (ages >= 0)
-  groups = np.where(valid, bins[np.clip(np.nan_to_num(ages, nan=0) // 20, 0, 4).astype(int)], "unknown")
-  return groups.astype(str)
+    """Twenty-year age bins ("0-19" ... "80+"), "unknown" for missing (negative or NaN) ages."""
+    bins = np.array(["0-19", "20-39", "40-59", "60-79", "80+"])
+    valid = np.isfinite(ages) & (ages >= 0)
+    groups = np.where(valid, bins[np.clip(np.nan_to_num(ages, nan=0) // 20, 0, 4).astype(int)], "unknown")
+    return groups.astype(str)
 
 
 class EncodedImages:
-  """A lazy sequence of uint8 (H, W, C) images decoded from a TFDS data source on access."""
+    """A lazy sequence of uint8 (H, W, C) images decoded from a TFDS data source on access."""
 
-  def __init__(self, source, channels: int):
-    self._source = source
-    self._mode = "L" if channels == 1 else "RGB"
+    def __init__(self, source, channels: int):
+        self._source = source
+        self._mode = "L" if channels == 1 else "RGB"
 
-  def __len__(self) -> int:
-    return len(self._source)
+    def __len__(self) -> int:
+        return len(self._source)
 
-  def __getitem__(self, index: int) -> np.ndarray:
-    with Image.open(io.BytesIO(self._source[int(index)]["image"])) as image:
-      array = np.asarray(image.convert(self._mode))
-    return array[..., None] if array.ndim == 2 else array
+    def __getitem__(self, index: int) -> np.ndarray:
+        with Image.open(io.BytesIO(self._source[int(index)]["image"])) as image:
+            array = np.asarray(image.convert(self._mode))
+        return array[..., None] if array.ndim == 2 else array

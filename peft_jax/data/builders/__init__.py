@@ -18,10 +18,10 @@ BUILDERS: dict[str, tuple[str, str, str]] = {
 
 
 def get(name: str) -> type:
-  """The builder class of a dataset."""
-  module, cls, _ = BUILDERS[name]
-  return getattr(importlib.import_module(module), cls)
+    """The builder class of a dataset."""
+    module, cls, _ = BUILDERS[name]
+    return getattr(importlib.import_module(module), cls)
 
 
 def family(name: str) -> str:
-  return BUILDERS[name][2]
+    return BUILDERS[name][2]

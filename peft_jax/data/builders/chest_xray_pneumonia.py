@@ -13,83 +13,84 @@ _PATIENT = re.compile(r"^(person\d+|(?:NORMAL2-)?IM-\d+)")
 
 
 def patient_id(filename: str) -> str:
-  """`person1019_virus_1708.jpeg` -> `person1019`; `NORMAL2-IM-0381-0001.jpeg` -> `NORMAL2-IM-0381`."""
-  match = _PATIENT.match(filename)
-  return match.group(1) if match else filename
+    """`person1019_virus_1708.jpeg` -> `person1019`; `NORMAL2-IM-0381-0001.jpeg` -> `NORMAL2-IM-0381`."""
+    match = _PATIENT.match(filename)
+    return match.group(1) if match else filename
 
 
 class ChestXrayPneumonia(common.MedicalImageBuilder):
-  """Anterior-posterior chest X-rays of children aged 1-5 (Guangzhou), 5,856 images.
+    """Anterior-posterior chest X-rays of children aged 1-5 (Guangzhou), 5,856 images.
 
-  Source: https://data.mendeley.com/datasets/rscbjbr9sj/2 (ChestXRay2017.zip) or the Kaggle
-  copy "paultimothymooney/chest-xray-pneumonia". License: CC BY 4.0.
-  Layout (the manual directory, or its `chest_xray/` sub-folder):
-    train/NORMAL/IM-0115-0001.jpeg, train/PNEUMONIA/person1_bacteria_1.jpeg, ...
-    test/NORMAL/..., test/PNEUMONIA/...
-    val/NORMAL/..., val/PNEUMONIA/...        (Kaggle copy only; 16 images)
-  Splits: `test` is the official test split; the official train (+ val when present) is
-  split 90 / 10 into train / validation, stratified by label and grouped by patient
-  (`personN` or `IM-NNNN` in the file name), so no child is on both sides.
-  Configs: `binary` (normal, pneumonia) and `three_class` (normal, bacterial, viral: from the
-  `_bacteria_` / `_virus_` in the file name).
-  """
+    Source: https://data.mendeley.com/datasets/rscbjbr9sj/2 (ChestXRay2017.zip) or the Kaggle
+    copy "paultimothymooney/chest-xray-pneumonia". License: CC BY 4.0.
+    Layout (the manual directory, or its `chest_xray/` sub-folder):
+      train/NORMAL/IM-0115-0001.jpeg, train/PNEUMONIA/person1_bacteria_1.jpeg, ...
+      test/NORMAL/..., test/PNEUMONIA/...
+      val/NORMAL/..., val/PNEUMONIA/...        (Kaggle copy only; 16 images)
+    Splits: `test` is the official test split; the official train (+ val when present) is
+    split 90 / 10 into train / validation, stratified by label and grouped by patient
+    (`personN` or `IM-NNNN` in the file name), so no child is on both sides.
+    Configs: `binary` (normal, pneumonia) and `three_class` (normal, bacterial, viral: from the
+    `_bacteria_` / `_virus_` in the file name).
+    """
 
-  BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name="binary", description="normal vs pneumonia"),
-      tfds.core.BuilderConfig(name="three_class", description="normal vs bacterial vs viral pneumonia"),
-  ]
-  CHANNELS = 1
-  HOMEPAGE = "https://data.mendeley.com/datasets/rscbjbr9sj/2"
-  LICENSE = "CC BY 4.0"
-  CITATION = ("Kermany DS, Goldbaum M, et al. Identifying Medical Diagnoses and Treatable Diseases by "
-              "Image-Based Deep Learning. Cell 172(5) (2018) 1122-1131.")
-  LAYOUT = "  chest_xray/{train,test}/{NORMAL,PNEUMONIA}/*.jpeg (and optionally chest_xray/val/...)"
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(name="binary", description="normal vs pneumonia"),
+        tfds.core.BuilderConfig(name="three_class", description="normal vs bacterial vs viral pneumonia"),
+    ]
+    CHANNELS = 1
+    HOMEPAGE = "https://data.mendeley.com/datasets/rscbjbr9sj/2"
+    LICENSE = "CC BY 4.0"
+    CITATION = ("Kermany DS, Goldbaum M, et al. Identifying Medical Diagnoses and Treatable Diseases by "
+                "Image-Based Deep Learning. Cell 172(5) (2018) 1122-1131.")
+    LAYOUT = "  chest_xray/{train,test}/{NORMAL,PNEUMONIA}/*.jpeg (and optionally chest_xray/val/...)"
 
-  def class_names(self) -> list[str]:
-    if self.builder_config.name == "three_class":
-      return ["normal", "bacterial", "viral"]
-    return ["normal", "pneumonia"]
+    def class_names(self) -> list[str]:
+        if self.builder_config.name == "three_class":
+            return ["normal", "bacterial", "viral"]
+        return ["normal", "pneumonia"]
 
-  def _label(self, path: pathlib.Path) -> int:
-    if path.parent.name == "NORMAL":
-      return 0
-    if self.builder_config.name == "binary":
-      return 1
-    if "_bacteria_" in path.name:
-      return 1
-    if "_virus_" in path.name:
-      return 2
-    raise common.BadFileError(f"chest_xray_pneumonia: {path} is in PNEUMONIA but its name says neither "
-                              f"_bacteria_ nor _virus_, so the three_class label is unknown.")
+    def _label(self, path: pathlib.Path) -> int:
+        if path.parent.name == "NORMAL":
+            return 0
+        if self.builder_config.name == "binary":
+            return 1
+        if "_bacteria_" in path.name:
+            return 1
+        if "_virus_" in path.name:
+            return 2
+        raise common.BadFileError(f"chest_xray_pneumonia: {path} is in PNEUMONIA but its name says neither "
+                                  f"_bacteria_ nor _virus_, so the three_class label is unknown.")
 
-  def _files(self, root: pathlib.Path, split: str) -> list[pathlib.Path]:
-    files = []
-    for cls in ("NORMAL", "PNEUMONIA"):
-      folder = root / split / cls
-      if not folder.is_dir():
-        raise FileNotFoundError(f"chest_xray_pneumonia: {folder} is missing. {self.manual_instructions()}")
-      files += common.listdir_images(folder, [".jpeg", ".jpg", ".png"])
-    return files
+    def _files(self, root: pathlib.Path, split: str) -> list[pathlib.Path]:
+        files = []
+        for cls in ("NORMAL", "PNEUMONIA"):
+            folder = root / split / cls
+            if not folder.is_dir():
+                raise FileNotFoundError(f"chest_xray_pneumonia: {folder} is missing. {self.manual_instructions()}")
+            files += common.listdir_images(folder, [".jpeg", ".jpg", ".png"])
+        return files
 
-  def _split_generators(self, dl_manager):
-    root = self._manual_root(dl_manager, "train", alternatives=["chest_xray"])
-    development = self._files(root, "train") + (self._files(root, "val") if (root / "val").is_dir() else [])
-    test = self._files(root, "test")
-    labels = [self._label(p) for p in development]
-    assignment = common.grouped_stratified_split(labels, [patient_id(p.name) for p in development],
-                                                 {"train": 0.9, "validation": 0.1})
-    return {
-        "train": self._generate_examples([p for p, a in zip(development, assignment) if a == "train"], root, "train"),
-        "validation": self._generate_examples([p for p, a in zip(development, assignment) if a == "validation"],
-                                              root, "validation"),
-        "test": self._generate_examples(test, root, "test"),
-    }
+    def _split_generators(self, dl_manager):
+        root = self._manual_root(dl_manager, "train", alternatives=["chest_xray"])
+        development = self._files(root, "train") + (self._files(root, "val") if (root / "val").is_dir() else [])
+        test = self._files(root, "test")
+        labels = [self._label(p) for p in development]
+        assignment = common.grouped_stratified_split(labels, [patient_id(p.name) for p in development],
+                                                     {"train": 0.9, "validation": 0.1})
+        return {
+            "train": self._generate_examples([p for p, a in zip(development, assignment) if a == "train"], root,
+                                             "train"),
+            "validation": self._generate_examples([p for p, a in zip(development, assignment) if a == "validation"],
+                                                  root, "validation"),
+            "test": self._generate_examples(test, root, "test"),
+        }
 
-  def _generate_examples(self, paths, root, split):
-    skipped = collections.Counter()
-    for path in paths:
-      image = self._image_bytes(path, skipped)
-      if image is not None:
-        key = str(path.relative_to(root))
-        yield key, {"image": image, "label": self._label(path), "id": key, "group": patient_id(path.name)}
-    self._warn_skipped(split, skipped)
+    def _generate_examples(self, paths, root, split):
+        skipped = collections.Counter()
+        for path in paths:
+            image = self._image_bytes(path, skipped)
+            if image is not None:
+                key = str(path.relative_to(root))
+                yield key, {"image": image, "label": self._label(path), "id": key, "group": patient_id(path.name)}
+        self._warn_skipped(split, skipped)
