@@ -12,6 +12,7 @@ import pathlib
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,10 @@ class Preempted(Exception):
     """SIGTERM arrived; the latest state was saved."""
 
 
+class StopTrial(Exception):
+    """Raised by an ``on_eval`` hook (e.g. a pruned hyper-parameter trial) to end the run after a saved evaluation."""
+
+
 class Checkpoints:
     """Two orbax managers: the latest state (for resuming) and the best by validation macro-F1."""
 
@@ -136,8 +141,13 @@ def _check_config(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(f"train.bn_stats must be 'update' or 'frozen', got {cfg.train.bn_stats!r}")
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Trains, early-stops on validation macro-F1, tests the best checkpoint; returns results.json's dict."""
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                       on_eval: Callable[[int, dict], None] | None = None) -> dict:
+    """Trains, early-stops on validation macro-F1, tests the best checkpoint; returns results.json's dict.
+
+    ``on_eval(step, val_metrics)`` runs after each validation (and its checkpoint save); it may raise
+    ``StopTrial`` to end the run there without testing (hyper-parameter search prunes trials this way).
+    """
     workdir = pathlib.Path(workdir)
     mesh = shd.make_mesh(cfg.mesh)
     num_devices = mesh.size
@@ -248,11 +258,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
                               f"best {meta['best_f1']:.4f} at step {meta['best_step']}")
             if save_now:
                 save_latest(step)
+            if evaluate_now and on_eval is not None:
+                on_eval(step, val)
             if stop["signal"]:
                 raise Preempted(f"[preempted] SIGTERM at step {step}: saved {workdir / 'checkpoints' / 'latest'}; "
                                 "rerun the same command to continue")
         if pending is not None:
             check(*pending)
+    except StopTrial:
+        bar.close()
+        if writer:
+            writer.close()
+        raise
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
