@@ -21,6 +21,7 @@ CORE = [
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
     "absl-py==2.5.1",
+    "pydicom==3.0.2",
 ]
 
 EXTRAS = {

@@ -14,6 +14,7 @@ BUILDERS: dict[str, tuple[str, str, str]] = {
     "fitzpatrick17k": ("peft_jax.data.builders.fitzpatrick17k", "Fitzpatrick17k", "fitzpatrick17k"),
     "smdg": ("peft_jax.data.builders.smdg", "Smdg", "smdg"),
     "iu_xray": ("peft_jax.data.builders.iu_xray", "IuXray", "iu_xray"),
+    "rsna_pneumonia": ("peft_jax.data.builders.rsna_pneumonia", "RsnaPneumonia", "rsna_pneumonia"),
 }
 
 
