@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.patience = 10  # evaluations without a better validation macro-F1 before stopping (0: never)
     c.train.bn_stats = "update"  # ResNet BatchNorm running statistics: "update" or "frozen"
     c.train.progress = True
+    c.train.compute_dtype = "float32"  # "bfloat16": bf16 activations and matmuls (ViT); parameters stay float32
     c.train.skip_nonfinite = False  # True: skip (and count) updates whose loss or gradient is NaN/Inf
 
     # Multi-process runs (one process per host): None takes JAX's own detection (SLURM, TPU pods,

@@ -24,10 +24,15 @@ class Built:
 
 
 def model_overrides(cfg: ml_collections.ConfigDict) -> dict:
+    dtype = cfg.train.compute_dtype
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"train.compute_dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if cfg.model.name in RESNET_NAMES:
+        if dtype != "float32":
+            raise ValueError("train.compute_dtype='bfloat16' is implemented for ViTs only; use float32 for ResNets")
         return {}
     return dict(patch_size=cfg.model.patch_size, depth=cfg.model.depth, pool=cfg.model.pool,
-                scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
+                scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, dtype=dtype)
 
 
 def load_native(model: nnx.Module, directory: pathlib.Path, num_classes: int) -> None:
