@@ -167,3 +167,109 @@ def test_dicom_pixels_monochrome1_and_12_bit(tmp_path):
     assert tags == {"PatientSex": "F", "PatientAge": "006M", "ViewPosition": "AP"}
     assert rsna_pneumonia.dicom_age("006M") == 0.5 and rsna_pneumonia.dicom_age("51") == 51.0
     assert np.isnan(rsna_pneumonia.dicom_age(""))
+
+
+# --- MIMIC-CXR-JPG with MIMIC-CXR reports ----------------------------------------------------------------------
+
+
+def _write_csv(path: pathlib.Path, rows: list[dict], compress: bool) -> None:
+    """A release CSV, gzipped as PhysioNet ships it or unpacked."""
+    import gzip
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    if compress:
+        with gzip.open(f"{path}.gz", "wt", newline="") as f:
+            f.write(text.getvalue())
+    else:
+        path.write_text(text.getvalue())
+
+
+@pytest.fixture
+def mimic_manual(tmp_path):
+    """12 patients in the official splits 8 / 2 / 2; 1 or 2 studies each with PA, AP and lateral images."""
+    manual = tmp_path / "mimic"
+    images, splits, metadata, chexpert = [], [], [], []
+    for s in range(12):
+        subject = f"1{s:07d}"
+        split = "train" if s < 8 else "validate" if s < 10 else "test"
+        for k in range(1 + s % 2):
+            study = f"5{s:03d}{k:04d}"
+            folder = manual / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
+            findings = f"The lungs are clear in study {study}. No effusion."
+            impression = f"No acute process ({study})."
+            wrapped = findings.replace(". ", ".\n ")  # reports wrap lines
+            report = (f"                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n"
+                      f" INDICATION:  ___F with cough\n \n FINDINGS: \n \n {wrapped}\n \n"
+                      f" IMPRESSION: \n \n {impression}\n")
+            if s == 3:  # some reports have an impression only
+                report, findings = f" FINAL REPORT\n IMPRESSION:  {impression}\n", ""
+            folder.mkdir(parents=True)
+            folder.with_suffix(".txt").write_text(report)
+            normal = (s + k) % 3 == 0
+            chexpert.append({"subject_id": subject, "study_id": study, "Atelectasis": "" if normal else "1.0",
+                             "No Finding": "1.0" if normal else "", "Pneumonia": "" if normal else "-1.0"})
+            for j, view in enumerate(("PA", "LATERAL") if k == 0 else ("AP", "AP", "LL")):
+                dicom = f"{s:08x}-{k:08x}-{j:08x}-7bc16630-4e384014"
+                images.append(dict(dicom_id=dicom, subject=subject, split=split, view=view, normal=normal,
+                                   findings=findings, impression=impression, path=folder / f"{dicom}.jpg"))
+                splits.append({"dicom_id": dicom, "study_id": study, "subject_id": subject, "split": split})
+                metadata.append({"dicom_id": dicom, "subject_id": subject, "study_id": study,
+                                 "PerformedProcedureStepDescription": "CHEST (PA AND LAT)", "ViewPosition": view,
+                                 "Rows": "40", "Columns": "48"})
+                Image.fromarray(_pixels(s * 10 + k * 3 + j)).save(folder / f"{dicom}.jpg", format="JPEG")
+    _write_csv(manual / "mimic-cxr-2.0.0-split.csv", splits, compress=True)
+    _write_csv(manual / "mimic-cxr-2.0.0-metadata.csv", metadata, compress=True)
+    _write_csv(manual / "mimic-cxr-2.0.0-chexpert.csv", chexpert, compress=False)
+    return manual, images
+
+
+def test_mimic_cxr_official_splits_frontal_views_and_report_sections(mimic_manual, tmp_path):
+    manual, images = mimic_manual
+    ds = data.load_dataset(_cfg("mimic_cxr", manual, tmp_path / "tfds"), seed=0)
+    assert ds.class_names == ["normal", "abnormal"]
+    frontal = [im for im in images if im["view"] in ("PA", "AP")]
+    for name, split in (("train", ds.train), ("validate", ds.validation), ("test", ds.test)):
+        mine = [im for im in frontal if im["split"] == name]
+        assert len(split) == len(mine)
+        assert tuple(np.bincount(split.labels, minlength=2)) == (sum(im["normal"] for im in mine),
+                                                                   sum(not im["normal"] for im in mine))
+        assert set(split.subgroups["view"]) <= {"PA", "AP"}
+    builder = tfds_loader.make_builder("mimic_cxr", data_dir=tmp_path / "tfds")
+    records = {s: _records(builder, s) for s in ("train", "validation", "test")}
+    subjects = [{r["group"] for r in records[s]} for s in records]
+    assert not (subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2])
+    by_id = {im["dicom_id"]: im for im in images}
+    for record in [r for s in records for r in records[s]]:  # the report text reaches every record
+        expected = by_id[record["id"]]
+        assert (record["findings"], record["impression"]) == (expected["findings"], expected["impression"])
+    assert any(r["findings"] == "" for r in records["train"])  # s == 3: impression only
+    assert ds.train.images[0].shape == (40, 48, 1)
+    every = data.load_dataset(_cfg("mimic_cxr", manual, tmp_path / "tfds", config="all"), seed=0)
+    assert len(every.train) + len(every.validation) + len(every.test) == len(images)
+
+
+def test_mimic_cxr_missing_report_or_labels_are_named_or_skipped(mimic_manual, tmp_path):
+    manual, images = mimic_manual
+    report = images[0]["path"].parent.with_suffix(".txt")
+    report.unlink()
+    with pytest.raises(common.BadFileError, match=rf"missing report: .*{report.name}"):
+        data.load_dataset(_cfg("mimic_cxr", manual, tmp_path / "a"), seed=0)
+    with pytest.warns(UserWarning, match="skipped 1 bad files"):
+        ds = data.load_dataset(_cfg("mimic_cxr", manual, tmp_path / "b", skip_bad_files=True), seed=0)
+    assert len(ds.train) + len(ds.validation) + len(ds.test) == sum(im["view"] in ("PA", "AP") for im in images) - 1
+    (manual / "mimic-cxr-2.0.0-chexpert.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="(?s)mimic-cxr-2.0.0-chexpert.csv.*physionet.org"):
+        data.load_dataset(_cfg("mimic_cxr", manual, tmp_path / "c"), seed=0)
+
+
+def test_report_sections_stop_at_the_next_heading():
+    from peft_jax.data.builders.mimic_cxr import report_sections
+
+    text = (" FINAL REPORT\n FINDINGS:  Heart size normal.\n Lungs clear.\n IMPRESSION:\n No acute process.\n"
+            " RECOMMENDATION(S):  Follow-up.\n FINAL ADDENDUM\n IMPRESSION:  Nodule unchanged.\n")
+    assert report_sections(text) == {"findings": "Heart size normal. Lungs clear.",
+                                     "impression": "No acute process. Nodule unchanged."}
+    assert report_sections("no headings") == {"findings": "", "impression": ""}

@@ -15,6 +15,7 @@ BUILDERS: dict[str, tuple[str, str, str]] = {
     "smdg": ("peft_jax.data.builders.smdg", "Smdg", "smdg"),
     "iu_xray": ("peft_jax.data.builders.iu_xray", "IuXray", "iu_xray"),
     "rsna_pneumonia": ("peft_jax.data.builders.rsna_pneumonia", "RsnaPneumonia", "rsna_pneumonia"),
+    "mimic_cxr": ("peft_jax.data.builders.mimic_cxr", "MimicCxr", "mimic_cxr"),
 }
 
 

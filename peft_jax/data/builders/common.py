@@ -122,10 +122,15 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
 
 def encode_image(data: bytes, max_side: int, channels: int) -> bytes:
-    """`data` itself if it decodes and is small enough, else a downscaled PNG / JPEG re-encoding."""
+    """`data` itself if it decodes and is small enough, else a downscaled PNG / JPEG re-encoding.
+
+    Colour images and JPEG sources are re-encoded as JPEG (quality 95): a grey X-ray that was
+    already lossy (MIMIC-CXR-JPG) would take several times the space as PNG.
+    """
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # Decodes fully: truncated or corrupt files fail here, not during training.
-        if min(image.size) <= max_side and image.format in ("PNG", "JPEG") and _channels_ok(image, channels):
+        source_format = image.format
+        if min(image.size) <= max_side and source_format in ("PNG", "JPEG") and _channels_ok(image, channels):
             return data
         image = image.convert("L" if channels == 1 else "RGB")
         scale = min(1.0, max_side / min(image.size))
@@ -133,7 +138,7 @@ def encode_image(data: bytes, max_side: int, channels: int) -> bytes:
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                  Image.BILINEAR)
         out = io.BytesIO()
-        if channels == 3:
+        if channels == 3 or source_format == "JPEG":
             image.save(out, format="JPEG", quality=95)
         else:
             image.save(out, format="PNG")
