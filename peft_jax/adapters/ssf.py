@@ -1,8 +1,9 @@
 """SSF (Lian et al. 2022): a learned per-channel scale and shift after chosen operations.
 
 On ViT: after the patch embedding, every attention projection, both MLP layers and every
-LayerNorm. On ResNet: after every convolution and BatchNorm. Being affine, it folds into
-the preceding layer (``merge``).
+LayerNorm. On ResNet: after every convolution and BatchNorm, and on the pooled feature
+before the head. Being affine, it folds into the preceding layer, or for the pooled feature
+into the head (``merge``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from peft_jax.adapters.cnn import fold_into_head, wrap_pool
 from peft_jax.adapters.core import AdapterParam, Method, adapter_variables, arch_family, iter_wrapped, leading_shape, register, replace_module, wrap_modules
 
 
@@ -27,8 +29,8 @@ def _out_features(module: nnx.Module) -> tuple[tuple[int, ...], int]:
 class SSF(nnx.Module):
     """``base(x) * scale + shift`` per output channel."""
 
-    def __init__(self, base: nnx.Module, *, init_std: float, rngs: nnx.Rngs):
-        lead, dim = _out_features(base)
+    def __init__(self, base: nnx.Module, *, init_std: float, rngs: nnx.Rngs, features: int | None = None):
+        lead, dim = _out_features(base) if features is None else ((), features)
         self.base = base
         self.ssf_scale = AdapterParam(1.0 + init_std * jax.random.normal(rngs.params(), lead + (dim,), jnp.float32))
         self.ssf_shift = AdapterParam(init_std * jax.random.normal(rngs.params(), lead + (dim,), jnp.float32))
@@ -45,6 +47,8 @@ def ssf_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rng
         init_std = 0.02 if family == "vit" else 0.0  # Lian et al. on ViT; identity start on CNNs
     types = (nnx.Linear, nnx.Conv, nnx.LayerNorm) if family == "vit" else (nnx.Conv, nnx.BatchNorm)
     wrap_modules(model, types, None, lambda path, m: SSF(m, init_std=float(init_std), rngs=rngs), what="ssf")
+    if family == "resnet":
+        wrap_pool(model, lambda pool: SSF(pool, init_std=float(init_std), rngs=rngs, features=model.num_features))
 
 
 def _fold(param: nnx.Param, scale: jax.Array, shift: jax.Array | None) -> None:
@@ -61,7 +65,9 @@ def _fold(param: nnx.Param, scale: jax.Array, shift: jax.Array | None) -> None:
 def ssf_merge(model: nnx.Module) -> None:
     for path, wrapper in iter_wrapped(model, SSF):
         base, scale, shift = wrapper.base, wrapper.ssf_scale[...], wrapper.ssf_shift[...]
-        if isinstance(base, (nnx.Linear, nnx.Conv)):
+        if path[0] == "pool":  # a ResNet's pooled feature: it feeds the head
+            fold_into_head(model.head, jnp.diag(scale), shift)
+        elif isinstance(base, (nnx.Linear, nnx.Conv)):
             _fold(base.kernel, scale, None)
             if base.bias is None:
                 base.bias = nnx.Param(jnp.zeros(scale.shape, base.kernel[...].dtype))
