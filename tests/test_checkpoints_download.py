@@ -149,3 +149,26 @@ def test_registry_entries_are_well_formed():
         assert c.sha256 is None or re.fullmatch(r"[0-9a-f]{8}|[0-9a-f]{64}", c.sha256)
         if c.format == "torchvision":  # torchvision names its files by their sha256 prefix
             assert c.url.endswith(f"-{c.sha256}.pth")
+
+
+def test_training_starts_from_a_registered_checkpoint(shared_data, tmp_path, cache, monkeypatch):
+    """`init.checkpoint=<registered name>`: download (file://), verify, convert, fine-tune."""
+    from peft_jax.adapters.io import read_adapter_config, state_hash
+    from flax import nnx
+    from peft_jax.config import base_config
+    from peft_jax.train import loop
+
+    src = torchvision_resnet18(tmp_path / "r18.pth")
+    register(monkeypatch, "resnet18.test", src.as_uri(), sha(src))
+    cfg = base_config()
+    cfg.model.name, cfg.model.image_size = "resnet18", 32
+    cfg.peft.method = "bn_tune"
+    cfg.init.checkpoint = "resnet18.test"
+    cfg.train.update(num_steps=3, batch_size=8, eval_every=3, progress=False)
+    result = loop.train_and_evaluate(cfg, tmp_path / "run")
+    assert result["trainable_params"] == 2 * 4800 + 512 * 2 + 2  # 4,800 BatchNorm channels in ResNet-18
+    assert (cache / "test.pth").is_file()
+    # The frozen backbone is the checkpoint's (its 3-class head was replaced by a 2-class one).
+    loaded = from_pretrained("resnet18", cache / "test.pth", num_classes=2)
+    backbone = nnx.state(loaded, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("head"))))
+    assert read_adapter_config(tmp_path / "run" / "adapter")["base_hash"] == state_hash(backbone)

@@ -55,14 +55,15 @@ def train_step_fn(graph: nnx.GraphDef, tx: optax.GradientTransformation, label_s
     """One optimizer step. With ``skip_nonfinite`` a NaN/Inf loss or gradient leaves every state unchanged."""
 
     def step(trainable, frozen, rest, opt_state, batch):
-        def loss_fn(trainable):
-            model = nnx.merge(graph, trainable, frozen, rest)
+        def loss_fn(trainable, frozen, rest):
+            # copy=True: fresh variables at this trace level, which BatchNorm may update under grad.
+            model = nnx.merge(graph, trainable, frozen, rest, copy=True)
             logits = model(batch["image"])
             loss = cross_entropy(logits, batch["label"], label_smoothing)
             new_rest = nnx.state(model, nnx.Not(nnx.Param))
             return loss, (logits, new_rest)
 
-        (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, rest)
         updates, new_opt_state = tx.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         grad_norm = optax.tree.norm(grads)
