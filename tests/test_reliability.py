@@ -178,3 +178,25 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, shared_data):
     assert out.returncode == 2
     assert "patch_embed/kernel" in out.stderr and "shape" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "w" / "results.json").exists() and not (tmp_path / "w" / "config.json").exists()
+
+
+class _Payload:
+    """Unpickling this would create a marker file: the proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    torch = pytest.importorskip("torch")
+    from peft_jax.models import from_pretrained
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "x": _Payload(marker)}, evil)
+    with pytest.raises(Exception):
+        from_pretrained("resnet18", evil)
+    assert not marker.exists()
