@@ -81,6 +81,30 @@ def test_unknown_dataset_lists_valid_names():
         data.load_dataset(_cfg("mnist"), seed=0)
 
 
+def test_medmnist_has_every_2d_dataset_at_every_size(tmp_path, monkeypatch):
+    assert set(medmnist.NAMES) == {"pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
+                                   "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist",
+                                   "organsmnist"}
+    for name in medmnist.NAMES:
+        assert sorted(medmnist.INFO[name]["md5"]) == [28, 64, 128, 224]
+        assert all(len(md5) == 32 for md5 in medmnist.INFO[name]["md5"].values())
+    assert medmnist.filename("bloodmnist", 28) == "bloodmnist.npz"
+    assert medmnist.filename("bloodmnist", 224) == "bloodmnist_224.npz"
+    # A MedMNIST+ file in the official layout (colour, 64 px) loads at dataset.size=64.
+    monkeypatch.setenv("PEFT_JAX_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 16), ("val", 8), ("test", 8)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 8).reshape(n, 1).astype(np.uint8)
+    np.savez(tmp_path / "bloodmnist_64.npz", **arrays)
+    ds = data.load_dataset(_cfg("bloodmnist", size=64, data_dir=str(tmp_path)), seed=0)
+    assert ds.num_classes == 8 and ds.train.images.shape == (16, 64, 64, 3)
+    assert np.array_equal(ds.test.images, arrays["test_images"])
+    with pytest.raises(ValueError, match="dataset.size must be one of"):
+        data.load_dataset(_cfg("bloodmnist", size=32, data_dir=str(tmp_path)), seed=0)
+
+
 def test_chestmnist_is_refused_as_multi_label():
     with pytest.raises(ValueError, match="multi-label"):
         data.load_dataset(_cfg("chestmnist"), seed=0)
