@@ -1,0 +1,100 @@
+"""Every ViT method trains on real data (BreastMNIST) through the train loop behind launch/train.py,
+with its default hyper-parameters (adapter dropout included): the training loss falls, the
+method's own variables move, and the adapter folder reproduces the run."""
+import json
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+from tensorboardX.proto import event_pb2
+
+from peft_jax import data as data_lib
+from peft_jax.adapters.io import load_adapter
+from peft_jax.config import base_config
+from peft_jax.train import builder, loop
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Every ViT method in exactly one run; methods share a run to keep the suite fast (a run per method
+# passes too, at about 10 s each). Each run checks that every one of its variables trained.
+RUNS = ["vpt_shallow+adapter_pfeiffer+dora", "vpt_deep+adapter_houlsby+ia3", "adaptformer+repadapter+lora",
+        "fact_tt+difffit", "fact_tk+attention_tune", "convpass+ln_tune+bitfit"]
+TINY = dict(name="vit_ti16", image_size=28, patch_size=4, depth=2)
+
+
+def tiny_experiment(method: str):
+    c = base_config()
+    c.model.update(TINY)
+    c.dataset.name = "breastmnist"
+    c.peft.method = method
+    c.train.update(num_steps=20, batch_size=16, lr=3e-3, warmup_steps=2, log_every=1, eval_every=20, progress=False)
+    return c
+
+
+def train_losses(tb: pathlib.Path) -> list[float]:
+    """train/loss by step from the TensorBoard event files (TFRecord framing: length, crc, event, crc)."""
+    found = {}
+    for f in sorted(tb.glob("events.out.tfevents.*")):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                if v.tag == "train/loss":
+                    found[event.step] = v.simple_value
+    return [found[s] for s in sorted(found)]
+
+
+@pytest.mark.parametrize("method", RUNS)
+def test_methods_train_on_breastmnist(shared_data, tmp_path, method):
+    cfg = tiny_experiment(method)
+    results = loop.train_and_evaluate(cfg, tmp_path)
+    losses = train_losses(tmp_path / "tb")
+    assert len(losses) == 20
+    assert np.mean(losses[-3:]) < losses[0], losses
+    # The method's own variables moved (not only the head): compare the adapter file with the initial model.
+    built = builder.build(cfg, 2)
+    initial, initial_filter = built.model, built.trainable
+    trained = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
+    init_state = {f"params/{'/'.join(map(str, p))}": np.asarray(v.get_value())
+                  for p, v in nnx.to_flat_state(nnx.state(initial, initial_filter))}
+    body = [k for k in trained if k.startswith("params/") and not k.startswith("params/head/")]
+    assert body and set(body) <= set(init_state)
+    moved = [k for k in body if not np.array_equal(trained[k], init_state[k])]
+    assert moved == body, sorted(set(body) - set(moved))
+    assert results["trainable_params"] == json.loads((tmp_path / "results.json").read_text())["trainable_params"]
+
+
+def test_combination_through_the_command_line(shared_data, tmp_path):
+    """launch/train.py itself, with two methods combined; its adapter folder reproduces the run."""
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={ROOT / 'configs' / 'vit_b_lora.py'}",
+           *(f"--config.model.{k}={v}" for k, v in TINY.items()), "--config.dataset.name=breastmnist",
+           "--config.peft.method=adaptformer+ln_tune", "--config.train.num_steps=20", "--config.train.batch_size=16",
+           "--config.train.lr=3e-3", "--config.train.warmup_steps=2", "--config.train.log_every=1",
+           "--config.train.progress=False", f"--workdir={tmp_path}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, PEFT_JAX_TCMALLOC="0"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["method"] == "adaptformer+ln_tune"
+    # ViT-Ti/16 depth 2: AdaptFormer b64 (192x64 + 64 + 64x192 + 192 per block), LayerNorms (5 x 2 x 192), head
+    assert results["trainable_params"] == 2 * (192 * 64 + 64 + 64 * 192 + 192) + 5 * 2 * 192 + 192 * 2 + 2
+    losses = train_losses(tmp_path / "tb")
+    assert np.mean(losses[-3:]) < losses[0], losses
+    # The adapter folder on a freshly built backbone reproduces the run's test accuracy.
+    cfg = tiny_experiment("adaptformer+ln_tune")
+    built = builder.build(cfg, 2)
+    load_adapter(built.model, tmp_path / "adapter", built.trainable, base_hash=built.base_hash, peft_config=cfg.peft)
+    built.model.eval()
+    data = data_lib.load_dataset(cfg.dataset, seed=cfg.seed)
+    logits, labels = [], []
+    for batch in data_lib.eval_batches(data.test, batch_size=128, image_size=28):
+        logits.append(np.asarray(built.model(batch["image"]))[batch["mask"]])
+        labels.append(batch["label"][batch["mask"]])
+    accuracy = float((np.concatenate(logits).argmax(-1) == np.concatenate(labels)).mean())
+    assert accuracy == pytest.approx(results["test"]["accuracy"], abs=1e-9)
