@@ -1,0 +1,58 @@
+"""The benchmark grid (methods x models x datasets x data fractions x seeds) and its report.
+
+    python launch/benchmark.py --config configs/benchmark/mini.py --workdir runs/mini --report_dir results/mini
+    python launch/benchmark.py --config configs/benchmark/paper_vit.py --workdir runs/paper_vit --dry_run
+
+Every run is a training workdir under ``WORKDIR/runs/<model>/<dataset>/<method>/frac<f>/seed<s>``;
+rerunning the command skips finished runs and continues interrupted ones. It writes
+``results.csv``, ``report.md``, ``f1_vs_fraction.png`` and ``f1_vs_trainable.png`` into
+``--report_dir`` (default: the workdir). ``--dry_run`` compiles one train step for each
+(model, method) of the grid and trains nothing.
+"""
+from __future__ import annotations
+
+import pathlib
+import shlex
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from peft_jax import runtime  # noqa: E402  (sets up the allocator before jax is imported)
+
+runtime.setup()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a 'benchmark' section.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the runs (and sweeps) of the grid.")
+_REPORT_DIR = flags.DEFINE_string("report_dir", None, "Where results.csv, report.md and plots go (default: workdir).")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Trial processes per sweep (benchmark.search='sweep').")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile one train step per (model, method); train nothing.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from peft_jax.hpo import benchmark, report
+
+    cfg = _CONFIG.value
+    workdir = pathlib.Path(_WORKDIR.value)
+    if _DRY_RUN.value:
+        benchmark.dry_run(cfg, workdir)
+        print(f"dry run passed for every (model, method); details in {workdir / 'dry_run.json'}")
+        return
+    records = benchmark.run_benchmark(cfg, workdir, workers=_WORKERS.value)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    summary = report.write_all(records, pathlib.Path(_REPORT_DIR.value or workdir), command, str(cfg),
+                               reference=cfg.benchmark.reference)
+    print(f"[benchmark] {summary['runs']} runs ({summary['failed']} failed); report in "
+          f"{pathlib.Path(summary['out_dir']) / 'report.md'}")
+    if summary["failed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    runtime.run(main)

@@ -1,0 +1,235 @@
+"""Benchmark outputs: ``results.csv`` (one row per final run), ``report.md`` (tables shaped like
+Dutt et al.'s: methods as rows, datasets as columns) and PNG plots."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+COLUMNS = ["model", "dataset", "method", "data_fraction", "seed", "test_macro_f1", "test_accuracy",
+           "test_balanced_accuracy", "test_auroc", "test_ece", "val_macro_f1", "trainable_params", "total_params",
+           "trainable_percent", "best_step", "steps_run", "train_examples", "wall_seconds", "hparams", "run_dir"]
+
+
+def rows_from_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """CSV rows of the finished runs and the list of failed ones."""
+    rows, failed = [], []
+    for rec in records:
+        cell = rec["cell"]
+        if "error" in rec:
+            failed.append({"model": cell.model, "dataset": cell.dataset, "method": cell.method,
+                           "data_fraction": cell.fraction, "seed": rec["seed"], "error": rec["error"]})
+            continue
+        run_dir = pathlib.Path(rec["run_dir"])
+        r = json.loads((run_dir / "results.json").read_text())
+        wall = json.loads((run_dir / "wall.json").read_text())["wall_seconds"]
+        row = {"model": cell.model, "dataset": cell.dataset, "method": cell.method, "data_fraction": cell.fraction,
+               "seed": rec["seed"], "val_macro_f1": r["val"].get("macro_f1"), "wall_seconds": round(wall, 1),
+               "hparams": json.dumps(rec["hparams"], sort_keys=True), "run_dir": str(run_dir)}
+        for k in ("macro_f1", "accuracy", "balanced_accuracy", "auroc", "ece"):
+            row[f"test_{k}"] = r["test"][k]
+        for k in ("trainable_params", "total_params", "trainable_percent", "best_step", "steps_run",
+                  "train_examples"):
+            row[k] = r[k]
+        row["subgroups"] = r["test"].get("subgroups")  # kept for the fairness table, not a CSV column
+        rows.append(row)
+    return rows, failed
+
+
+def write_csv(rows: list[dict], path: pathlib.Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _order(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def _group(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        out[tuple(r[k] for k in keys)].append(r)
+    return out
+
+
+def _percent(p: float) -> str:
+    return f"{p:.3g}" if p < 1 else f"{p:.1f}"
+
+
+def results_tables(rows: list[dict], reference: str = "full") -> str:
+    """One table per (model, data fraction): mean ± std test macro-F1 over seeds, best per column in bold."""
+    by = _group(rows, "model", "data_fraction", "method", "dataset")
+    out = []
+    for model in _order(r["model"] for r in rows):
+        for fraction in sorted(set(r["data_fraction"] for r in rows if r["model"] == model)):
+            sub = [r for r in rows if r["model"] == model and r["data_fraction"] == fraction]
+            methods, datasets = _order(r["method"] for r in sub), _order(r["dataset"] for r in sub)
+            stats = {(m, d): _mean_std([r["test_macro_f1"] for r in by[(model, fraction, m, d)]])
+                     for m in methods for d in datasets if by[(model, fraction, m, d)]}
+            best = {d: max((stats[(m, d)][0] for m in methods if (m, d) in stats), default=None) for d in datasets}
+            average = {m: float(np.mean([stats[(m, d)][0] for d in datasets])) for m in methods
+                       if all((m, d) in stats for d in datasets)}
+            seeds = max(len(v) for v in by.values() if v)
+            out.append(f"### {model}, {fraction:.0%} of the training labels\n")
+            header = ["method", "trainable %", *datasets, "mean"]
+            if reference in average:
+                header.append(f"Δ vs {reference}")
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|---|" + "---:|" * (len(header) - 1))
+            best_mean = max(average.values(), default=None)
+            for m in methods:
+                percent = _first(sub, m)["trainable_percent"]
+                cells = [m, _percent(percent)]
+                for d in datasets:
+                    if (m, d) not in stats:
+                        cells.append("–")
+                        continue
+                    mean, std = stats[(m, d)]
+                    text = f"{mean:.3f} ± {std:.3f}"
+                    cells.append(f"**{text}**" if math.isclose(mean, best[d]) else text)
+                if m in average:
+                    text = f"{average[m]:.3f}"
+                    cells.append(f"**{text}**" if math.isclose(average[m], best_mean) else text)
+                    if reference in average:
+                        cells.append(f"{average[m] - average[reference]:+.3f}")
+                else:
+                    cells += ["–"] * (2 if reference in average else 1)
+                out.append("| " + " | ".join(cells) + " |")
+            out.append(f"\nTest macro-F1, mean ± sample std over up to {seeds} seeds; bold: best in the column.\n")
+    return "\n".join(out)
+
+
+def _first(rows: list[dict], method: str) -> dict:
+    return next(r for r in rows if r["method"] == method)
+
+
+def fairness_tables(rows: list[dict]) -> str:
+    """Per-subgroup test macro-F1 (mean over seeds) and the best-worst gap, where results carry subgroups."""
+    out = []
+    with_groups = [r for r in rows if r.get("subgroups")]
+    for (model, dataset, fraction), sub in _group(with_groups, "model", "dataset", "data_fraction").items():
+        for field in _order(f for r in sub for f in r["subgroups"]):
+            groups = _order(g for r in sub for g in r["subgroups"].get(field, {}).get("groups", {}))
+            out.append(f"### {dataset}, {model}, {fraction:.0%} of the labels: macro-F1 by {field}\n")
+            out.append("| method | " + " | ".join(groups) + " | gap |")
+            out.append("|---|" + "---:|" * (len(groups) + 1))
+            for method, runs in _group(sub, "method").items():
+                cells = [method[0]]
+                for g in groups:
+                    values = [r["subgroups"][field]["groups"][g]["macro_f1"] for r in runs
+                              if g in r["subgroups"].get(field, {}).get("groups", {})]
+                    cells.append(f"{np.mean(values):.3f}" if values else "–")
+                gaps = [r["subgroups"][field]["gap"] for r in runs if field in r["subgroups"]]
+                cells.append(f"{np.mean(gaps):.3f}")
+                out.append("| " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def write_report(rows: list[dict], failed: list[dict], out_dir: pathlib.Path, command: str,
+                 config_text: str, reference: str = "full") -> None:
+    total = sum(r["wall_seconds"] for r in rows)
+    parts = [
+        "# Benchmark report\n",
+        f"Made by:\n\n```bash\n{command}\n```\n",
+        f"{len(rows)} final runs ({len(failed)} failed), {total / 60:.1f} min of training wall time in all. "
+        "One row per run is in `results.csv`.\n",
+        "## Test macro-F1\n",
+        results_tables(rows, reference),
+    ]
+    fairness = fairness_tables(rows)
+    if fairness:
+        parts += ["## Fairness: test macro-F1 per subgroup\n", fairness]
+    if failed:
+        parts += ["## Failed runs\n", "| model | dataset | method | fraction | seed | error |", "|---|---|---|---:|---:|---|"]
+        parts += [f"| {f['model']} | {f['dataset']} | {f['method']} | {f['data_fraction']:g} | {f['seed']} | "
+                  f"{f['error'].replace('|', '/')} |" for f in failed]
+        parts.append("")
+    parts += ["## Plots\n", "![macro-F1 against data fraction](f1_vs_fraction.png)\n",
+              "![macro-F1 against trainable parameters](f1_vs_trainable.png)\n",
+              "## Configuration\n", f"```\n{config_text}\n```\n"]
+    (out_dir / "report.md").write_text("\n".join(parts))
+
+
+def _panels(n: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat[:n])
+
+
+def plot_f1_vs_fraction(rows: list[dict], path: pathlib.Path) -> None:
+    """Test macro-F1 (mean ± std over seeds) against the data fraction, one line per method."""
+    panels = _order((r["model"], r["dataset"]) for r in rows)
+    plt, fig, axes = _panels(len(panels))
+    for ax, (model, dataset) in zip(axes, panels):
+        sub = [r for r in rows if r["model"] == model and r["dataset"] == dataset]
+        for method in _order(r["method"] for r in sub):
+            fractions = sorted(set(r["data_fraction"] for r in sub if r["method"] == method))
+            stats = [_mean_std([r["test_macro_f1"] for r in sub if r["method"] == method
+                                and r["data_fraction"] == f]) for f in fractions]
+            ax.errorbar([100 * f for f in fractions], [s[0] for s in stats], yerr=[s[1] for s in stats],
+                        marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("training labels used (%)")
+        ax.set_ylabel("test macro-F1")
+        ax.set_title(f"{dataset}, {model}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_f1_vs_trainable(rows: list[dict], path: pathlib.Path) -> None:
+    """Test macro-F1 against the trainable share of parameters (log scale), one panel per dataset and fraction."""
+    panels = _order((r["model"], r["dataset"], r["data_fraction"]) for r in rows)
+    plt, fig, axes = _panels(len(panels))
+    for ax, (model, dataset, fraction) in zip(axes, panels):
+        sub = [r for r in rows if (r["model"], r["dataset"], r["data_fraction"]) == (model, dataset, fraction)]
+        for method in _order(r["method"] for r in sub):
+            runs = [r for r in sub if r["method"] == method]
+            mean, std = _mean_std([r["test_macro_f1"] for r in runs])
+            ax.errorbar([runs[0]["trainable_percent"]], [mean], yerr=[std], marker="o", capsize=3, label=method)
+            ax.annotate(method, (runs[0]["trainable_percent"], mean), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (%)")
+        ax.set_ylabel("test macro-F1")
+        ax.set_title(f"{dataset}, {model}, {fraction:.0%} of the labels")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_all(records: list[dict], out_dir: pathlib.Path, command: str, config_text: str,
+              reference: str = "full") -> dict[str, Any]:
+    """Writes results.csv, report.md and the two plots into ``out_dir``; returns a small summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, failed = rows_from_records(records)
+    write_csv(rows, out_dir / "results.csv")
+    write_report(rows, failed, out_dir, command, config_text, reference)
+    if rows:
+        plot_f1_vs_fraction(rows, out_dir / "f1_vs_fraction.png")
+        plot_f1_vs_trainable(rows, out_dir / "f1_vs_trainable.png")
+    return {"runs": len(rows), "failed": len(failed), "out_dir": str(out_dir)}

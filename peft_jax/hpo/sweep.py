@@ -1,0 +1,280 @@
+"""ASHA hyper-parameter search: an Optuna study whose trials are real training runs.
+
+Each trial trains in its own workdir ``trials/NNNN`` (resumable) and reports its best
+validation macro-F1 so far after every evaluation; Optuna's ``SuccessiveHalvingPruner``
+(ASHA) stops the trials that fall behind at the rungs ``min_resource * reduction_factor**k``
+steps. The study lives in a SQLite file in the sweep's workdir, or in any SQLAlchemy
+database (``sweep.storage``) that several hosts share. Trials run in worker processes, so a
+trial that kills its process is recorded as failed and a new worker takes over; a sweep
+that was killed resumes: its interrupted trials are retried once, continuing their own
+checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import pathlib
+import socket
+import time
+import warnings
+from typing import Any
+
+import ml_collections
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from peft_jax.hpo import space as space_lib
+
+STATES = {"finished": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL,
+          "running": TrialState.RUNNING, "waiting": TrialState.WAITING}
+
+
+def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Enqueues one repeat of a trial whose process died; it continues in the same trial folder."""
+    if "resume_of" in trial.user_attrs:
+        return  # a retry that died as well stays failed
+    study.enqueue_trial(trial.params, user_attrs={"resume_of": trial.number})
+
+
+def sweep_section(num_trials: int = 8, min_resource: int = 20, max_resource: int | None = None,
+                  space: dict[str, str] | None = None) -> ml_collections.ConfigDict:
+    """The ``sweep`` section of a config file, with every field and its default."""
+    s = ml_collections.ConfigDict()
+    s.num_trials = num_trials  # trials in the study (all hosts and workers together)
+    s.min_resource = min_resource  # training steps before the first ASHA rung
+    s.max_resource = ml_collections.FieldReference(max_resource, field_type=int)  # None: train.num_steps
+    s.reduction_factor = 4  # ASHA keeps the best 1/4 of the trials at each rung
+    s.eval_every = ml_collections.config_dict.placeholder(int)  # trial validation interval (None: min_resource)
+    s.storage = ml_collections.config_dict.placeholder(str)  # SQLAlchemy URL (None: sqlite in the workdir)
+    s.study_name = ml_collections.config_dict.placeholder(str)  # None: the workdir's name
+    s.seed = 0  # sampler seed (worker i uses seed + i)
+    s.space = ml_collections.ConfigDict(space or {})  # method name or "common" -> spec (see peft_jax.hpo.space)
+    return s
+
+
+def _sweep(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    if "sweep" not in cfg:
+        raise ValueError("the config has no 'sweep' section; add one with peft_jax.hpo.sweep_section(...) "
+                         "(see configs/sweep_quick.py)")
+    return cfg.sweep
+
+
+def storage_url(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
+    return _sweep(cfg).storage or f"sqlite:///{(workdir / 'study.db').absolute()}"
+
+
+def open_study(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, seed_offset: int = 0) -> optuna.Study:
+    """Creates or loads the study; every worker of every host calls this with the same config."""
+    sweep = _sweep(cfg)
+    url = storage_url(cfg, workdir)
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None  # wait for SQLite's lock
+    # Heartbeats let another host notice a trial whose process died; it is retried once.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=300,
+                             heartbeat_stale_trial_callback=_retry)
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=int(sweep.min_resource),
+                                                    reduction_factor=int(sweep.reduction_factor))
+    sampler = optuna.samplers.TPESampler(seed=int(sweep.seed) + seed_offset, constant_liar=True,
+                                         n_startup_trials=max(2, int(sweep.num_trials) // 3))
+    return optuna.create_study(storage=storage, study_name=sweep.study_name or workdir.absolute().name,
+                               direction="maximize", pruner=pruner, sampler=sampler, load_if_exists=True)
+
+
+def trial_config(cfg: ml_collections.ConfigDict, params: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The training config of one trial: the sweep's resource and evaluation cadence, then the sampled values."""
+    sweep = _sweep(cfg)
+    steps = int(sweep.max_resource or cfg.train.num_steps)
+    every = int(sweep.eval_every or sweep.min_resource)
+    base = space_lib.with_values(space_lib.run_config(cfg), {
+        "train.num_steps": steps, "train.eval_every": every, "train.progress": False}, "sweep")
+    return space_lib.with_values(base, params, f"sweep.space for {cfg.peft.method}")
+
+
+def check_space(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The method's search space, after checking that its first point makes a valid trial config."""
+    space = space_lib.space_for(_sweep(cfg), cfg.peft.method)
+    trial_config(cfg, {k: v.args[0] if isinstance(v, space_lib.Dist) else v for k, v in space.items()})
+    return space
+
+
+def _trial_workdir(workdir: pathlib.Path, trial: optuna.Trial) -> pathlib.Path:
+    # A retried trial continues in the folder (and from the checkpoints) of the trial it replaces.
+    return workdir / "trials" / f"{trial.user_attrs.get('resume_of', trial.number):04d}"
+
+
+def _budget_left(study: optuna.Study, num_trials: int) -> bool:
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return True
+    # A retry replaces the failed trial it repeats, so it does not count again.
+    started = [t for t in trials if t.state != TrialState.WAITING and "resume_of" not in t.user_attrs]
+    return len(started) < num_trials
+
+
+def _objective(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tag: str):
+    from peft_jax.train import loop
+
+    space = space_lib.space_for(_sweep(cfg), cfg.peft.method)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        params = space_lib.suggest(trial, space)
+        trial_dir = _trial_workdir(workdir, trial)
+        trial.set_user_attr("workdir", str(trial_dir))
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        print(f"{tag} trial {trial.number} ({trial_dir.name}): {shown}", flush=True)
+        best = {"f1": float("-inf")}
+
+        def on_eval(step: int, val: dict) -> None:
+            best["f1"] = max(best["f1"], float(val["macro_f1"]))
+            trial.report(best["f1"], step)
+            if trial.should_prune():
+                raise loop.StopTrial(step)
+
+        t0 = time.time()
+        try:
+            results = loop.train_and_evaluate(trial_config(cfg, params), trial_dir, on_eval=on_eval)
+        except loop.StopTrial as e:
+            print(f"{tag} trial {trial.number} pruned at step {e.args[0]} (best val macro-F1 {best['f1']:.4f})",
+                  flush=True)
+            raise optuna.TrialPruned() from None
+        except Exception as e:
+            message = f"{type(e).__name__}: {e}"
+            trial.set_user_attr("error", message[:2000])
+            print(f"{tag} trial {trial.number} failed: {message[:500]}", flush=True)
+            raise
+        value = float(results["val"]["macro_f1"])
+        trial.set_user_attr("seconds", time.time() - t0)
+        trial.set_user_attr("best_step", results["best_step"])
+        print(f"{tag} trial {trial.number} finished: val macro-F1 {value:.4f} at step {results['best_step']}",
+              flush=True)
+        return value
+
+    return objective
+
+
+def work(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worker_index: int = 0) -> None:
+    """One worker: runs trials of the study until its trial budget is spent (several may run at once)."""
+    workdir = pathlib.Path(workdir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # failures with their traceback, not every trial
+    study = open_study(cfg, workdir, seed_offset=worker_index)
+    objective = _objective(cfg, workdir, f"[worker {worker_index}]")
+    while _budget_left(study, int(_sweep(cfg).num_trials)):
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+
+
+def _worker_process(cfg: ml_collections.ConfigDict, workdir: str, worker_index: int) -> None:
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    work(cfg, workdir, worker_index)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_trials(study: optuna.Study, pids: set[int] | None = None, retry: bool = True) -> int:
+    """Marks this host's running trials whose process is gone (or is one of ``pids``) as failed.
+
+    With ``retry`` each gets one retry that continues its checkpoints (a killed sweep resumes
+    this way); without it (a worker that crashed mid-sweep) the failure stands.
+    """
+    host = socket.gethostname()
+    count = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or pid is None:
+            continue
+        if (pids is not None and pid in pids) or (pids is None and not _pid_alive(pid)):
+            reason = "its process died" if pids is None else "its worker process crashed"
+            study._storage.set_trial_user_attr(t._trial_id, "error", reason)
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                count += 1
+                if retry:
+                    _retry(study, study._storage.get_trial(t._trial_id))
+    return count
+
+
+def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, workers: int = 1) -> dict:
+    """Runs (or resumes) the sweep with ``workers`` processes on this host; writes and returns the summary."""
+    workdir = pathlib.Path(workdir)
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    sweep = _sweep(cfg)
+    check_space(cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(cfg, workdir)
+    recovered = fail_dead_trials(study)
+    if recovered:
+        print(f"[sweep] resuming: {recovered} interrupted trial(s) will continue from their checkpoints", flush=True)
+    print(f"[sweep] {study.study_name}: {sweep.num_trials} trials of {cfg.peft.method} with {workers} worker(s), "
+          f"ASHA rungs at {sweep.min_resource} x {sweep.reduction_factor}^k steps; storage "
+          f"{storage_url(cfg, workdir)}", flush=True)
+    ctx = multiprocessing.get_context("spawn")  # JAX is not fork-safe; each worker starts clean
+    procs: dict[int, multiprocessing.Process] = {}
+    restarts = int(sweep.num_trials)  # a crashing trial costs one restart
+    t0 = time.time()
+    next_index = 0
+    while True:
+        for index, proc in list(procs.items()):
+            if proc.exitcode is None:
+                continue
+            del procs[index]
+            if proc.exitcode != 0:
+                failed = fail_dead_trials(study, pids={proc.pid}, retry=False)
+                print(f"[sweep] worker {index} exited with code {proc.exitcode}; {failed} trial(s) marked failed",
+                      flush=True)
+                restarts -= 1
+        if len(procs) < workers and restarts >= 0 and _budget_left(study, int(sweep.num_trials)):
+            proc = ctx.Process(target=_worker_process, args=(cfg, str(workdir), next_index), daemon=False)
+            proc.start()
+            procs[next_index] = proc
+            next_index += 1
+            continue
+        if not procs:
+            break
+        time.sleep(1.0)
+    summary = summarize(study, workdir, cfg)
+    print(f"[sweep] done in {time.time() - t0:.0f} s: {summary['trials']}; best val macro-F1 "
+          f"{summary['best_value']} with {summary['best_params']}", flush=True)
+    return summary
+
+
+def summarize(study: optuna.Study, workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> dict:
+    """Writes ``sweep_results.json`` and, when a trial finished, ``best_overrides.txt`` (an absl flagfile)."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {name: sum(t.state == state for t in trials) for name, state in STATES.items()}
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(done, key=lambda t: t.value) if done else None
+    summary = {
+        "study_name": study.study_name,
+        "storage": storage_url(cfg, workdir),
+        "method": cfg.peft.method,
+        "objective": "best validation macro-F1 (maximize)",
+        "best_value": best.value if best else None,
+        "best_params": best.params if best else None,
+        "best_trial": best.number if best else None,
+        "best_workdir": best.user_attrs.get("workdir") if best else None,
+        "trials": counts,
+        "all_trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                        "last_step": t.last_step, "error": t.user_attrs.get("error")} for t in trials],
+    }
+    (workdir / "sweep_results.json").write_text(json.dumps(summary, indent=2))
+    if best:
+        fixed = {k: v for k, v in space_lib.space_for(_sweep(cfg), cfg.peft.method).items()
+                 if not isinstance(v, space_lib.Dist)}
+        lines = [space_lib.format_flag(k, v) for k, v in {**fixed, **best.params}.items()]
+        (workdir / "best_overrides.txt").write_text("\n".join(lines) + "\n")
+    return summary

@@ -1,0 +1,83 @@
+"""The benchmark driver: a grid of two tiny cells on BreastMNIST, its CSV, report and plots."""
+import csv
+import pathlib
+import runpy
+
+import pytest
+
+pytest.importorskip("optuna", reason="the hpo extra: pip install -e '.[hpo]'")
+from peft_jax import hpo  # noqa: E402
+from peft_jax.config import base_config  # noqa: E402
+from peft_jax.hpo import benchmark, report  # noqa: E402
+from peft_jax.hpo import sweep as sweep_lib  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_cell_grid_writes_csv_report_and_plots(shared_data, tmp_path, capsys):
+    cfg = hpo.with_values(base_config(), {
+        "model.name": "vit_ti16", "model.image_size": 28, "model.patch_size": 4, "model.depth": 1,
+        "train.batch_size": 16, "train.num_steps": 10, "train.eval_every": 5, "train.warmup_steps": 2,
+        "train.progress": False})
+    cfg.benchmark = hpo.benchmark_section(methods="linear,full", models="vit_ti16", datasets="breastmnist",
+                                          fractions="0.5", seeds="0", overrides={"linear": "train.lr=1e-2"})
+    cfg.lock()
+    records = benchmark.run_benchmark(cfg, tmp_path / "work")
+    out = tmp_path / "report"
+    summary = report.write_all(records, out, "python launch/benchmark.py ...", str(cfg))
+
+    assert summary == {"runs": 2, "failed": 0, "out_dir": str(out)}
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["method"] for r in rows] == ["linear", "full"]
+    assert rows[0]["trainable_params"] == str(192 * 2 + 2)  # the head of ViT-Ti for 2 classes
+    assert rows[0]["hparams"] == "{}" and float(rows[0]["data_fraction"]) == 0.5
+    assert all(float(r["wall_seconds"]) > 0 and 0 <= float(r["test_macro_f1"]) <= 1 for r in rows)
+    text = (out / "report.md").read_text()
+    assert "### vit_ti16, 50% of the training labels" in text
+    assert "| method | trainable % | breastmnist | mean | Δ vs full |" in text
+    assert "| full | 100.0 |" in text and "+0.000 |" in text and "**" in text
+    for name in ("f1_vs_fraction.png", "f1_vs_trainable.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+
+    # Rerunning resumes: the finished runs are read back, nothing trains again.
+    capsys.readouterr()
+    again = benchmark.run_benchmark(cfg, tmp_path / "work")
+    assert len(again) == 2 and "run 1/2" not in capsys.readouterr().out
+
+
+def test_fairness_table_from_subgroups():
+    cell = benchmark.Cell("vit_b16", "ham10000", "lora", 1.0)
+    rows = [{"model": "vit_b16", "dataset": "ham10000", "method": "lora", "data_fraction": 1.0,
+             "subgroups": {"sex": {"groups": {"female": {"macro_f1": f}, "male": {"macro_f1": m}}, "gap": abs(f - m)}}}
+            for f, m in ((0.8, 0.7), (0.6, 0.7))]
+    text = report.fairness_tables(rows)
+    assert f"### {cell.dataset}, {cell.model}, 100% of the labels: macro-F1 by sex" in text
+    assert "| lora | 0.700 | 0.700 | 0.100 |" in text
+
+
+@pytest.mark.parametrize("name", ["mini", "paper_vit", "paper_resnet"])
+def test_benchmark_configs_make_valid_cells(name):
+    cfg = runpy.run_path(str(ROOT / "configs" / "benchmark" / f"{name}.py"))["get_config"]()
+    cfg.lock()
+    grid = benchmark.cells(cfg)
+    assert grid and benchmark.seeds(cfg)
+    checked = set()
+    for cell in grid:
+        c = benchmark.cell_config(cfg, cell, None)
+        assert c.peft.method in (cell.method, "full") and c.dataset.fraction == cell.fraction
+        if cfg.benchmark.search == "sweep" and cell.method not in checked:  # every key of the space exists
+            sweep_lib.check_space(c)
+            checked.add(cell.method)
+
+
+def test_bad_grid_is_an_error_naming_the_field():
+    cfg = base_config()
+    cfg.benchmark = hpo.benchmark_section(methods="lora", models="vit_ti16", datasets="breastmnist",
+                                          fractions="ten percent", seeds="0")
+    with pytest.raises(ValueError, match="benchmark.fractions"):
+        benchmark.cells(cfg)
+    cfg.benchmark = hpo.benchmark_section(methods="lora", models="vit_ti16", datasets="breastmnist", fractions="0.1",
+                                          seeds="0", overrides={"lora": "train.lr=log(1e-4, 1e-2)"})
+    with pytest.raises(ValueError, match="benchmark.overrides.lora"):
+        benchmark.cell_config(cfg, benchmark.cells(cfg)[0], None)

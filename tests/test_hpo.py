@@ -1,0 +1,96 @@
+"""ASHA sweeps: real (tiny) training trials on BreastMNIST, pruning, shared studies, failures, resuming."""
+import json
+import subprocess
+
+import pytest
+
+optuna = pytest.importorskip("optuna", reason="the hpo extra: pip install -e '.[hpo]'")
+from optuna.trial import TrialState  # noqa: E402
+
+from peft_jax import hpo  # noqa: E402
+from peft_jax.config import base_config  # noqa: E402
+from peft_jax.hpo import space as space_lib  # noqa: E402
+from peft_jax.hpo import sweep as sweep_lib  # noqa: E402
+
+TINY = {"model.name": "vit_ti16", "model.image_size": 28, "model.patch_size": 4, "model.depth": 1,
+        "peft.method": "full", "dataset.name": "breastmnist", "train.batch_size": 16, "train.warmup_steps": 2,
+        "train.lr": 1e-3, "train.patience": 0}
+
+
+def tiny_sweep_config(num_trials: int, space: str):
+    cfg = hpo.with_values(base_config(), TINY)
+    cfg.sweep = hpo.sweep_section(num_trials=num_trials, min_resource=5, max_resource=10, space={"common": space})
+    cfg.lock()
+    return cfg
+
+
+def test_sweep_prunes_trials_that_fall_behind(shared_data, tmp_path):
+    # lr=0 leaves the random model predicting the minority class (macro-F1 0.21 at step 5); lr=1e-3 reaches the
+    # majority-class 0.42 or better, so ASHA's first rung (step 5, keep the best 1/4) stops the lr=0 trials.
+    cfg = tiny_sweep_config(3, "train.lr=choice(0.001, 0.0)")
+    study = hpo.open_study(cfg, tmp_path)
+    for lr in (1e-3, 0.0, 0.0):
+        study.enqueue_trial({"train.lr": lr})
+    summary = hpo.run_sweep(cfg, tmp_path, workers=1)
+
+    assert summary["trials"]["finished"] == 1 and summary["trials"]["pruned"] == 2, summary["all_trials"]
+    pruned = [t for t in summary["all_trials"] if t["state"] == "PRUNED"]
+    assert all(t["last_step"] == 5 and t["params"] == {"train.lr": 0.0} for t in pruned)
+    assert summary["best_params"] == {"train.lr": 1e-3}
+    assert (tmp_path / "trials" / "0000" / "results.json").is_file()  # the finished trial is a complete run
+    assert not (tmp_path / "trials" / "0001" / "results.json").exists()  # a pruned one stops before testing
+    assert json.loads((tmp_path / "sweep_results.json").read_text())["trials"]["pruned"] == 2
+    assert (tmp_path / "best_overrides.txt").read_text() == "--config.train.lr=0.001\n"
+
+
+def test_two_workers_share_one_study_and_a_failing_trial_does_not_stop_it(shared_data, tmp_path):
+    cfg = tiny_sweep_config(3, "train.lr=log(1e-4, 1e-2); peft.method=choice(full, no_such_method)")
+    study = hpo.open_study(cfg, tmp_path)
+    study.enqueue_trial({"peft.method": "no_such_method"})  # fails while building the model
+    for _ in range(2):
+        study.enqueue_trial({"peft.method": "full"})
+    summary = hpo.run_sweep(cfg, tmp_path, workers=2)
+
+    trials = study.get_trials()
+    assert summary["trials"] == {"finished": 2, "pruned": 0, "failed": 1, "running": 0, "waiting": 0}
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both worker processes ran trials of the one study
+    failed = next(t for t in trials if t.state == TrialState.FAIL)
+    assert "no_such_method" in failed.user_attrs["error"]
+    assert summary["best_params"]["peft.method"] == "full"
+
+
+def test_interrupted_trials_are_retried_in_their_own_folder(tmp_path):
+    cfg = tiny_sweep_config(2, "train.lr=log(1e-4, 1e-2)")
+    study = hpo.open_study(cfg, tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    trial = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    trial.set_user_attr("host", sweep_lib.socket.gethostname())
+    trial.set_user_attr("pid", dead.pid)  # as if its sweep had been killed
+
+    assert sweep_lib.fail_dead_trials(study) == 1
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs["resume_of"] == 0
+    assert sweep_lib.fail_dead_trials(study) == 0
+    resumed = study.ask()  # the retry: same values, same folder (so it continues that trial's checkpoints)
+    assert resumed.suggest_float("train.lr", 1e-4, 1e-2, log=True) == trial.params["train.lr"]
+    assert sweep_lib._trial_workdir(tmp_path, resumed) == tmp_path / "trials" / "0000"
+
+
+def test_spec_parsing_and_errors():
+    spec = hpo.parse_spec("train.lr=log(1e-4, 1e-1); peft.rank=choice(4, 8); peft.targets=qv; train.warmup_steps=int(0,9)")
+    assert spec["train.lr"] == hpo.Dist("log", (1e-4, 1e-1))
+    assert spec["peft.rank"] == hpo.Dist("choice", (4, 8))
+    assert spec["peft.targets"] == "qv"
+    assert spec["train.warmup_steps"] == hpo.Dist("int", (0, 9))
+    with pytest.raises(ValueError, match="lower bound must be > 0"):
+        hpo.parse_spec("train.lr=log(0, 1)")
+    with pytest.raises(ValueError, match="write key=value"):
+        hpo.parse_spec("train.lr")
+    sweep = hpo.sweep_section(space={"common": "train.lr=log(1e-4, 1e-1)", "lora": "peft.rank=choice(4, 8)"})
+    assert set(hpo.space_for(sweep, "lora+bitfit")) == {"train.lr", "peft.rank"}
+    with pytest.raises(ValueError, match="Did you mean: train.lr"):
+        hpo.with_values(base_config(), {"train.lrr": 1.0})
+    with pytest.raises(ValueError, match="wrong type"):
+        hpo.with_values(base_config(), {"peft.rank": "eight"})
+    assert space_lib.format_flag("peft.targets", "qv") == "--config.peft.targets=qv"
