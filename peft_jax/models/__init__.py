@@ -10,6 +10,7 @@ from peft_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig
 
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
 MODEL_NAMES: tuple[str, ...] = tuple(VIT_VARIANTS) + RESNET_NAMES
+DIFFUSION_ARCHS = ("unet2d_condition", "autoencoder_kl", "clip_text")  # loaded by checkpoints/diffusers.py
 
 
 def unknown_name_error(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> ValueError:
@@ -47,6 +48,10 @@ def create_model(name: str, *, num_classes: int, image_size: int = 224, rngs: nn
 
 def from_pretrained(arch: str, path, **kwargs) -> nnx.Module:
     """An NNX model of ``arch`` with the weights of a checkpoint file or directory (format detected)."""
+    if arch in DIFFUSION_ARCHS:  # Stable Diffusion components from a diffusers folder
+        from peft_jax.checkpoints.diffusers import from_pretrained as load_diffusers
+
+        return load_diffusers(arch, path, **kwargs)
     from peft_jax.checkpoints import from_pretrained as load
 
     return load(arch, path, **kwargs)
