@@ -66,3 +66,21 @@ def test_scanned_blocks_equal_python_loop():
 def test_unknown_model_name_lists_valid_names():
     with pytest.raises(ValueError, match="Did you mean vit_b16.*Valid names:.*resnet50"):
         create_model("vit_b61", num_classes=2, rngs=nnx.Rngs(0))
+
+
+def test_remat_without_scan_trains():
+    from peft_jax.config import base_config
+    from peft_jax.train import builder, optim, step as step_lib
+    from peft_jax import sharding as shd
+
+    cfg = base_config()
+    cfg.model.name, cfg.model.image_size, cfg.model.patch_size, cfg.model.depth = "vit_ti16", 32, 8, 2
+    cfg.model.remat = True
+    built = builder.build(cfg, 2)
+    split = step_lib.split_model(built.model, built.trainable)
+    tx = optim.make_optimizer(cfg.train)
+    steps = step_lib.compile_steps(split, tx, jax.eval_shape(tx.init, split.trainable), shd.make_mesh(cfg.mesh),
+                                   min_shard_size=2**14, label_smoothing=0.0)
+    batch = {"image": jnp.ones((4, 32, 32, 3)), "label": jnp.zeros((4,), jnp.int32)}
+    *_, m = steps.train(split.trainable, split.frozen, split.rest, tx.init(split.trainable), batch)
+    assert np.isfinite(float(m["loss"]))

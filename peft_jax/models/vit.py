@@ -184,7 +184,11 @@ class ViT(nnx.Module):
                 body = jax.checkpoint(body, prevent_cse=False)
             return jax.lax.scan(body, x, stacked)[0]
         for block in self.blocks:
-            x = nnx.remat(lambda b, t: b(t))(block, x) if self.config.remat else block(x)
+            if self.config.remat:  # recompute the block in the backward pass instead of storing it
+                graph, state = nnx.split(block)
+                x = jax.checkpoint(lambda s, t, graph=graph: nnx.merge(graph, s)(t), prevent_cse=False)(state, x)
+            else:
+                x = block(x)
         return x
 
     def features(self, images: jax.Array) -> jax.Array:
