@@ -5,13 +5,13 @@ pydicom (uncompressed and JPEG baseline, as in the RSNA release) and a MIMIC-CXR
 its four CSVs and free-text reports.
 """
 import csv
+import gzip
 import io
 import pathlib
 import warnings
 
 import ml_collections
 import numpy as np
-import pydicom
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -174,8 +174,6 @@ def test_dicom_pixels_monochrome1_and_12_bit(tmp_path):
 
 def _write_csv(path: pathlib.Path, rows: list[dict], compress: bool) -> None:
     """A release CSV, gzipped as PhysioNet ships it or unpacked."""
-    import gzip
-
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import collections
 
-import tensorflow_datasets as tfds
-
 from peft_jax.data.builders import common
 
 

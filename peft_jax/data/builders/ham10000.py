@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import csv
 import math
-import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
