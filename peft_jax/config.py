@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.name = "breastmnist"
     c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
     c.dataset.manual_dir = ml_collections.config_dict.placeholder(str)
+    c.dataset.config = ml_collections.config_dict.placeholder(str)  # a builder's variant, e.g. rsna three_class
     c.dataset.fraction = 1.0
     c.dataset.size = 28  # MedMNIST resolution of the source .npz (28, 64, 128 or 224)
     c.dataset.download = True
