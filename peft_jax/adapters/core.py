@@ -189,8 +189,11 @@ def method_names(cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def arch_family(model: nnx.Module) -> str:
+    from peft_jax.models.diffusion.unet import UNet2DConditionModel
     from peft_jax.models.vit import ViT
 
+    if isinstance(model, UNet2DConditionModel):
+        return "unet"
     return "vit" if isinstance(model, ViT) else "resnet"
 
 

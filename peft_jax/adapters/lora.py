@@ -127,7 +127,7 @@ register(Method(
     trainable=lambda cfg: adapter_variables,
     surgery=lora_surgery,
     merge=lora_merge,
-    archs=("vit",),
+    archs=("vit", "unet"),  # on the U-Net, peft.targets names its attention projections (configs/sd15_lora.py)
 ))
 
 register(Method(

@@ -15,6 +15,7 @@ register(Method(
     name="full",
     doc="Full fine-tuning: every parameter trains.",
     trainable=lambda cfg: nnx.Param,
+    archs=("vit", "resnet", "unet"),
 ))
 
 register(Method(
