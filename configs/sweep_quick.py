@@ -1,6 +1,6 @@
 """A quick ASHA sweep on MedMNIST: 8 tiny trials on 2 CPU cores in a few minutes, some pruned.
 
-A 2-block ViT-Ti (4-pixel patches on 28 px images) is fully trained on BreastMNIST for at
+A 2-block ViT-Ti (4-pixel patches on 28 px images) is fully trained on PneumoniaMNIST (chest X-ray) for at
 most 80 steps; ASHA (reduction factor 4) compares the trials at step 20 and stops the ones
 that fall behind.
 
@@ -18,7 +18,7 @@ def get_config():
     c.model.patch_size = 4
     c.model.depth = 2
     c.peft.method = "full"
-    c.dataset.name = "breastmnist"
+    c.dataset.name = "pneumoniamnist"
     c.train.num_steps = 80
     c.train.batch_size = 16
     c.train.warmup_steps = 8

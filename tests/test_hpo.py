@@ -52,7 +52,8 @@ def test_two_workers_share_one_study_and_a_failing_trial_does_not_stop_it(shared
     summary = hpo.run_sweep(cfg, tmp_path, workers=2)
 
     trials = study.get_trials()
-    assert summary["trials"] == {"finished": 2, "pruned": 0, "failed": 1, "running": 0, "waiting": 0}
+    assert summary["trials"] == {"finished": 2, "pruned": 0, "failed": 1, "running": 0, "waiting": 0,
+                                 "interrupted_and_retried": 0}
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # both worker processes ran trials of the one study
     failed = next(t for t in trials if t.state == TrialState.FAIL)
     assert "no_such_method" in failed.user_attrs["error"]
@@ -67,10 +68,12 @@ def test_interrupted_trials_are_retried_in_their_own_folder(tmp_path):
     trial = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
     trial.set_user_attr("host", sweep_lib.socket.gethostname())
     trial.set_user_attr("pid", dead.pid)  # as if its sweep had been killed
+    trial.report(0.5, 5)
 
     assert sweep_lib.fail_dead_trials(study) == 1
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].user_attrs["resume_of"] == 0
+    assert waiting[0].intermediate_values == {5: 0.5}  # ASHA judges the continued run at the same rungs
     assert sweep_lib.fail_dead_trials(study) == 0
     resumed = study.ask()  # the retry: same values, same folder (so it continues that trial's checkpoints)
     assert resumed.suggest_float("train.lr", 1e-4, 1e-2, log=True) == trial.params["train.lr"]

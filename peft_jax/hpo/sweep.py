@@ -35,7 +35,10 @@ def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Enqueues one repeat of a trial whose process died; it continues in the same trial folder."""
     if "resume_of" in trial.user_attrs:
         return  # a retry that died as well stays failed
-    study.enqueue_trial(trial.params, user_attrs={"resume_of": trial.number})
+    # Its reports so far come along, so ASHA judges the continued run at the same rungs.
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={"resume_of": trial.number}, intermediate_values=trial.intermediate_values))
 
 
 def sweep_section(num_trials: int = 8, min_resource: int = 20, max_resource: int | None = None,
@@ -255,7 +258,10 @@ def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worke
 def summarize(study: optuna.Study, workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> dict:
     """Writes ``sweep_results.json`` and, when a trial finished, ``best_overrides.txt`` (an absl flagfile)."""
     trials = study.get_trials(deepcopy=False)
-    counts = {name: sum(t.state == state for t in trials) for name, state in STATES.items()}
+    retried = {t.user_attrs["resume_of"] for t in trials if "resume_of" in t.user_attrs}
+    counts = {name: sum(t.state == state and t.number not in retried for t in trials)
+              for name, state in STATES.items()}
+    counts["interrupted_and_retried"] = len(retried)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(done, key=lambda t: t.value) if done else None
     summary = {
