@@ -16,31 +16,12 @@ from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, 
 from peft_jax.checkpoints import CheckpointError
 from peft_jax.models import from_pretrained
 from peft_jax.models.vit import resize_pos_embed
+from torch_reference import images, randomize
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 SMALL_VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                  image_size=32, patch_size=8)
 SMALL_OVERRIDES = dict(hidden_size=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8)
-
-
-def randomize(model: torch.nn.Module, std: float, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere, norms around 1 and random BatchNorm statistics, so that a swapped or
-    skipped tensor changes the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-            if "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=g) * 0.2)
-                mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
-    return model.eval()
-
-
-def images(n: int, size: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
 
 
 def torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
