@@ -26,6 +26,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks_md import write_section  # noqa: E402  (beside this script)
+
 BATCH, SIZE = 8, 224
 # case -> (model, method, dtype)
 CASES = {
@@ -249,17 +251,7 @@ def write_markdown(results: list[dict], command: str, allocator: str, path: path
         j = results[0]["jax"]
         lines += ["", f"Matmul ceilings measured in the same run (2048^3, JAX): fp32 {j['fp32_ceiling'] / 1e9:.0f} "
                   f"GFLOP/s, bf16 x bf16 -> fp32 {j['bf16_ceiling'] / 1e9:.0f} GFLOP/s."]
-    section = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured on this project's machines; ratios in one run.\n\n"
-    start_marker = "## Train step vs PyTorch"
-    if start_marker in text:
-        head, rest = text.split(start_marker, 1)
-        tail = rest.split("\n## ", 1)
-        text = head + section + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
+    write_section(path, "## Train step vs PyTorch", "\n".join(lines) + "\n")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -32,6 +32,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks_md import write_section  # noqa: E402  (beside this script)
 from peft_jax import runtime  # noqa: E402
 
 runtime.setup()  # tcmalloc, as launch/train.py uses it
@@ -177,18 +178,6 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str, path: pathlib.Path) -> None:
-    """Replaces this benchmark's section of BENCHMARKS.md (or appends it); other sections stay as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured on this project's machines.\n"
-    if HEADING in text:
-        head, rest = text.split(HEADING, 1)
-        tail = rest.split("\n## ", 1)
-        text = head + section + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="busi,ham10000")
@@ -242,7 +231,7 @@ def main() -> None:
     section = markdown(result, command.strip())
     print(section)
     if not args.no_write:
-        write_section(section, pathlib.Path(args.out))
+        write_section(pathlib.Path(args.out), HEADING, section)
     print(json.dumps(result))
 
 
