@@ -260,3 +260,12 @@ def test_grain_worker_processes_give_the_same_batches():
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
     workers.close()
+
+
+def test_unreachable_download_says_where_to_put_the_file(tmp_path):
+    from peft_jax.data import download as download_lib
+
+    dest = tmp_path / "cache" / "breastmnist.npz"
+    with pytest.raises(FileNotFoundError, match=r"could not download breastmnist.npz .*put it here"):
+        download_lib.download("http://127.0.0.1:1/breastmnist.npz", dest, "0" * 32, manual_hint="put it here")
+    assert not dest.exists() and not any(dest.parent.iterdir())

@@ -5,6 +5,7 @@ import hashlib
 import os
 import pathlib
 import tempfile
+import urllib.error
 import urllib.request
 
 import tqdm
@@ -49,6 +50,12 @@ def download(url: str, destination: pathlib.Path, md5: str, *, manual_hint: str 
                 f"Checksum mismatch for {destination.name} downloaded from {url}: expected md5 {md5}, got {actual}. "
                 f"Nothing was written to the cache. {manual_hint}".rstrip())
         os.replace(tmp_name, destination)
+    except urllib.error.URLError as e:  # offline, DNS, HTTP errors: say what to fetch and where to put it
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise FileNotFoundError(
+            f"could not download {destination.name} from {url} ({getattr(e, 'reason', e)}). "
+            f"{manual_hint}".rstrip()) from e
     except BaseException:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
