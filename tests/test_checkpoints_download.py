@@ -107,7 +107,7 @@ def test_file_url_and_torchvision_style_hash_prefix(tmp_path, cache, monkeypatch
 
 
 def test_offline_and_unreachable_errors_say_what_to_fetch_and_where(cache, monkeypatch):
-    register(monkeypatch, "test.away", "http://127.0.0.1:9/away.pth", None)  # port 9: nothing listens
+    register(monkeypatch, "test.away", "http://127.0.0.1:9/away.pth", "0" * 64)  # port 9: nothing listens
     with pytest.raises(CheckpointError) as err:
         fetch("test.away", progress=False)
     message = str(err.value)
@@ -118,6 +118,19 @@ def test_offline_and_unreachable_errors_say_what_to_fetch_and_where(cache, monke
     monkeypatch.setenv("PEFT_JAX_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="PEFT_JAX_OFFLINE is set: download http://127.0.0.1:9/away.pth by hand"):
         fetch("test.away")
+
+
+def test_a_file_without_a_known_sha256_is_never_downloaded(server, cache, monkeypatch):
+    """No digest, no download: the error says where to get the file and where to put it; once placed, it is used."""
+    root, url = server
+    (root / "weights.pth").write_bytes(b"served bytes")
+    register(monkeypatch, "test.unpinned", f"{url}/weights.pth", None)
+    with pytest.raises(CheckpointError, match="no sha256 .* not downloaded automatically: download .*weights.pth by hand"):
+        fetch("test.unpinned", progress=False)
+    assert not cache.exists() or list(cache.iterdir()) == []
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "test.pth").write_bytes(b"placed by hand")
+    assert fetch("test.unpinned").read_bytes() == b"placed by hand"
 
 
 def test_resolve_paths_names_and_mistakes(tmp_path, cache):

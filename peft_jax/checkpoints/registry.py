@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import logging
 import os
 import pathlib
 import tempfile
@@ -17,8 +16,6 @@ import urllib.error
 import urllib.request
 
 from peft_jax.checkpoints.core import CheckpointError
-
-log = logging.getLogger("peft_jax.checkpoints")
 
 _CHUNK = 1 << 20
 
@@ -30,8 +27,9 @@ class KnownCheckpoint:
     format: str  # "google_npz", "timm", "torchvision"
     filename: str  # name in the cache directory
     # Full hex digest, or the hex prefix that torchvision puts in its file names (which
-    # torchvision itself checks); None where no digest is published: the hash of the
-    # downloaded file is then logged so that it can be pinned here.
+    # torchvision itself checks). None where no digest is published: such a file is never
+    # downloaded automatically (an unverified download could be anything); the user fetches
+    # it by hand into the cache, and the error says from where and to where.
     sha256: str | None
     description: str
 
@@ -87,6 +85,12 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
         "timm", "resnet50.a1_in1k.safetensors", None,
         "timm ResNet-50, ImageNet-1k, A1 recipe (Wightman et al. 2021)",
     ),
+    "inception_v3.fid": KnownCheckpoint(
+        "inception_v3_fid",
+        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+        "torchvision", "pt_inception-2015-12-05-6726825d.pth", "6726825d",
+        "FID Inception-v3 (TensorFlow's 2015-12-05 graph as ported by pytorch-fid); features for launch/fid.py",
+    ),
 }
 
 
@@ -106,8 +110,10 @@ def _manual_instructions(name: str, ckpt: KnownCheckpoint, dest: pathlib.Path) -
     )
 
 
-def download(url: str, dest: pathlib.Path, sha256: str | None, *, progress: bool = True) -> pathlib.Path:
+def download(url: str, dest: pathlib.Path, sha256: str, *, progress: bool = True) -> pathlib.Path:
     """Downloads `url` (http(s) or file://) to `dest`, verifying the sha256 (full digest or prefix)."""
+    if not sha256:
+        raise CheckpointError(f"refusing to download {url} without a known sha256 to check it against")
     from tqdm.auto import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -123,10 +129,8 @@ def download(url: str, dest: pathlib.Path, sha256: str | None, *, progress: bool
                     digest.update(chunk)
                     bar.update(len(chunk))
         actual = digest.hexdigest()
-        if sha256 is not None and not actual.startswith(sha256.lower()):
+        if not actual.startswith(sha256.lower()):
             raise CheckpointError(f"sha256 mismatch for {url}: expected {sha256}, got {actual}; the file was discarded")
-        if sha256 is None:
-            log.warning("%s has no published sha256; the downloaded file's is %s", url, actual)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -148,6 +152,10 @@ def fetch(name: str, *, progress: bool = True) -> pathlib.Path:
         return dest
     if _offline():
         raise CheckpointError(f"checkpoint {name!r} is not in the cache and PEFT_JAX_OFFLINE is set: "
+                              + _manual_instructions(name, ckpt, dest))
+    if ckpt.sha256 is None:
+        raise CheckpointError(f"checkpoint {name!r} is not in the cache, and its publisher gives no sha256 that "
+                              f"peft_jax could check a download against, so it is not downloaded automatically: "
                               + _manual_instructions(name, ckpt, dest))
     try:
         return download(ckpt.url, dest, ckpt.sha256, progress=progress)
