@@ -1,19 +1,18 @@
 """``--config.dry_run`` (abstract build, sharding, one compiled train step) for the ViT methods on
-ViT-B/16 (every method, one device) and ViT-H/14 (every scannable method, grouped into three
-compiles, FSDP over 8 simulated devices). vpt_shallow and FacT need the unscanned model, whose
-ViT-H compile is too slow for CI: they are compiled on ViT-B/16 only."""
+ViT-B/16 (every method, one device) and ViT-H/14 (every method, grouped into four compiles of the
+scanned model, FSDP over 8 simulated devices), and the block-by-block ViT-B/16; the methods' default
+adapter dropout included."""
 import pytest
 
 from peft_jax.config import base_config
 from peft_jax.train import loop
-from test_vit_methods import HEAD, LOOP_ONLY, SCANNABLE, VIT_B16_COUNTS
+from test_vit_methods import HEAD, SCANNABLE, VIT_B16_COUNTS
 
 
 def dry(tmp_path, name, method, scan=True, fsdp=1):
     c = base_config()
     c.model.name, c.model.scan_layers, c.model.remat = name, scan, scan
     c.peft.method = method
-    c.peft.dropout = 0.0 if scan else None  # adapter dropout needs the unscanned model
     c.train.batch_size = 8
     c.mesh.fsdp = fsdp
     return loop.dry_run(c, tmp_path)
@@ -26,9 +25,8 @@ def test_vit_b16_dry_run(tmp_path, method):
     assert result["memory_analysis"]
 
 
-def test_vit_b16_dry_run_of_methods_that_need_the_unscanned_model(tmp_path):
-    """vpt_shallow and FacT (layer-shared factors, dropout) compile on the block-by-block model."""
-    assert set(LOOP_ONLY) == {"vpt_shallow", "fact_tt", "fact_tk"}
+def test_vit_b16_dry_run_unscanned(tmp_path):
+    """The block-by-block model (the default for ViT-B) compiles too."""
     result = dry(tmp_path, "vit_b16", "vpt_shallow+fact_tt", scan=False)
     assert result["trainable_params"] == VIT_B16_COUNTS["vpt_shallow"] + VIT_B16_COUNTS["fact_tt"] + HEAD
 
@@ -39,6 +37,10 @@ def test_vit_b16_dry_run_of_methods_that_need_the_unscanned_model(tmp_path):
     ("vpt_deep+ia3+dora", 32 * 10 * 1280 + 32 * (1280 + 1280 + 5120) + 32 * 2 * (2 * 1280 * 8 + 1280) + 2_562),
     ("adaptformer+repadapter+difffit+lora", None),
     ("convpass+attention_tune+adapter_houlsby+adapter_pfeiffer", None),
+    # VPT-shallow 10 tokens; FacT-TT r8: shared U, V and 12 cores of 8x8 per block (q, k, v, out: one
+    # 1280x1280 block each; fc1, fc2: four each)
+    ("vpt_shallow+fact_tt", 10 * 1280 + 2 * 1280 * 8 + 32 * 12 * 8 * 8 + 2_562),
+    ("fact_tk+bitfit", None),
 ])
 def test_vit_h14_dry_run(tmp_path, method, expected):
     result = dry(tmp_path, "vit_h14", method, fsdp=8)  # frozen weights FSDP-sharded over 8 devices

@@ -10,6 +10,7 @@ from peft_jax.adapters import ADAPTER_TYPES, apply_peft, merge, param_report, tr
 from peft_jax.adapters.core import path_str
 from peft_jax.config import base_config
 from peft_jax.models import create_model
+from peft_jax.models.vit import LayerShared
 
 HEAD = 768 * 2 + 2  # ViT-B/16 with a 2-class head
 D, L, M = 768, 12, 3072
@@ -36,10 +37,9 @@ VIT_B16_COUNTS = {
     "ln_tune": 2 * LN_SCALES,
     "bitfit": BIASES,
 }
-SCANNABLE = ["vpt_deep", "adapter_houlsby", "adapter_pfeiffer", "adaptformer", "attention_tune", "lora", "dora", "ia3",
-             "repadapter", "convpass", "difffit"]
-LOOP_ONLY = ["vpt_shallow", "fact_tt", "fact_tk"]
-IDENTITY_AT_INIT = [m for m in SCANNABLE + LOOP_ONLY if not m.startswith("vpt")]
+SCANNABLE = ["vpt_shallow", "vpt_deep", "adapter_houlsby", "adapter_pfeiffer", "adaptformer", "attention_tune", "lora",
+             "dora", "ia3", "fact_tt", "fact_tk", "repadapter", "convpass", "difffit"]
+IDENTITY_AT_INIT = [m for m in SCANNABLE if not m.startswith("vpt")]
 
 
 def peft_cfg(method, **kw):
@@ -105,15 +105,31 @@ def test_methods_start_at_the_backbone():
 
 
 def stacked_copy(loop_model, scan_model):
-    """Puts the per-block state of ``loop_model`` into ``scan_model``'s stacked blocks."""
+    """Puts the per-block state of ``loop_model`` into ``scan_model``'s stacked blocks (layer-shared
+    variables, found under block 0 of the loop model, stay unstacked)."""
     flat = dict(nnx.to_flat_state(nnx.state(loop_model)))
     state = nnx.state(scan_model)
     for path, var in nnx.to_flat_state(state):
-        if path[0] == "blocks":
+        if path[0] == "blocks" and isinstance(var, LayerShared):
+            var.set_value(flat[("blocks", 0) + path[1:]].get_value())
+        elif path[0] == "blocks":
             var.set_value(jnp.stack([flat[("blocks", i) + path[1:]].get_value() for i in range(2)]))
         else:
             var.set_value(flat[path].get_value())
     nnx.update(scan_model, state)
+
+
+def stacked_copy_into_loop(scan_model, loop_model):
+    """The inverse of ``stacked_copy`` for the parameters (dropout streams stay as they are)."""
+    flat = dict(nnx.to_flat_state(nnx.state(scan_model, nnx.Param)))
+    state = nnx.state(loop_model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        if path[0] == "blocks" and (path[:1] + path[2:]) in flat:
+            source = flat[path[:1] + path[2:]]
+            var.set_value(source.get_value() if isinstance(source, LayerShared) else source.get_value()[path[1]])
+        else:
+            var.set_value(flat[path].get_value())
+    nnx.update(loop_model, state)
 
 
 @pytest.mark.parametrize("method", SCANNABLE)
@@ -131,7 +147,7 @@ def test_scanned_model_computes_the_same(method):
 
 @pytest.mark.parametrize("method,scan", [
     ("dora", True), ("ia3", True), ("difffit", True), ("repadapter", False), ("repadapter", True), ("fact_tt", False),
-    ("fact_tk", False), ("repadapter+lora", False), ("ssf+ia3+dora", False), ("fact_tt+difffit+bitfit", False),
+    ("fact_tk", False), ("fact_tt", True), ("fact_tk", True), ("repadapter+lora", False), ("ssf+ia3+dora", False), ("fact_tt+difffit+bitfit", False),
 ])
 def test_merge_keeps_outputs_and_removes_adapters(method, scan):
     cfg = peft_cfg(method, dropout=0.0, targets="all")
@@ -163,14 +179,23 @@ def test_repadapter_merge_order_is_explained():
         merge(model, cfg)
 
 
-@pytest.mark.parametrize("method,match", [
-    ("vpt_shallow", "vpt_shallow inserts its prompts before the first block only"),
-    ("fact_tt", "fact_tt shares its factors U and V across all layers"),
-    ("repadapter", r"repadapter \(peft.dropout\): dropout 0.1 inside the blocks of a model with model.scan_layers"),
-])
-def test_scanned_model_limits_are_errors(method, match):
-    with pytest.raises(ValueError, match=match):
-        apply_peft(tiny(scan=True), peft_cfg(method), rngs=nnx.Rngs(1))
+@pytest.mark.parametrize("method", ["fact_tt+repadapter", "vpt_shallow+adapter_houlsby"])
+def test_adapter_dropout_in_a_scanned_model(method):
+    """Per-layer dropout streams in the scanned blocks: new masks at every call (the counts advance),
+    none in eval mode, where the scanned model equals the block-by-block one."""
+    cfg = peft_cfg(method, dropout=0.5, prompt_dropout=0.5)
+    scan = apply_peft(tiny(True), cfg, rngs=nnx.Rngs(1))
+    perturb_adapters(scan, 0.5)
+    scan.train()
+    first, second = scan(images()), scan(images())
+    assert float(jnp.abs(first - second).max()) > 1e-3
+    counts = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(scan, nnx.RngCount))]
+    assert counts and all(int(c.min()) >= 2 for c in counts)
+    loop = apply_peft(tiny(False), cfg, rngs=nnx.Rngs(1))
+    stacked_copy_into_loop(scan, loop)
+    scan.eval()
+    loop.eval()
+    close(scan(images()), loop(images()), 1e-5)
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -191,24 +216,28 @@ def block_forward(block, x):
 
 @pytest.mark.parametrize("pool", ["token", "gap"])
 def test_vpt_places_prompts_after_the_prefix(pool):
-    """Hand-written VPT forward from the backbone's own modules: [prefix, prompts, patches] at each block."""
+    """Hand-written VPT forward from the backbone's own modules: [prefix, prompts, patches] at every block
+    (deep) or once before the first (shallow, the prompts' outputs dropped before the final norm)."""
     x = images()
     for method in ("vpt_deep", "vpt_shallow"):
         model = apply_peft(tiny(pool=pool), peft_cfg(method, num_tokens=3), rngs=nnx.Rngs(1))
         model.eval()
         prefix = 1 if pool == "token" else 0
         h = model.embed(x)
-        for i, wrapper in enumerate(model.blocks):
-            block = wrapper.base if method == "vpt_deep" or i == 0 else wrapper
-            if method == "vpt_deep" or i == 0:
+        if method == "vpt_shallow":
+            p = jnp.broadcast_to(model.extra_tokens.prompts[...], (2, 3, 192))
+            h = jnp.concatenate([h[:, :prefix], p, h[:, prefix:]], axis=1)
+        for wrapper in model.blocks:
+            if method == "vpt_deep":
                 p = jnp.broadcast_to(wrapper.prompts[...], (2, 3, 192))
                 h = jnp.concatenate([h[:, :prefix], p, h[:, prefix:]], axis=1)
-            h = block_forward(block, h)
-            if method == "vpt_deep":
+                h = block_forward(wrapper.base, h)
                 h = jnp.concatenate([h[:, :prefix], h[:, prefix + 3:]], axis=1)
+            else:
+                h = block_forward(wrapper, h)
         if method == "vpt_shallow":
             h = jnp.concatenate([h[:, :prefix], h[:, prefix + 3:]], axis=1)
-        h = model.norm.base(h) if method == "vpt_shallow" else model.norm(h)
+        h = model.norm(h)
         pooled = h[:, 0] if pool == "token" else h.mean(axis=1)
         close(model(x), model.head(pooled), 1e-5)
 

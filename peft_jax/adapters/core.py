@@ -18,9 +18,15 @@ import jax
 import ml_collections
 from flax import nnx
 
+from peft_jax.models.vit import LayerShared
+
 
 class AdapterParam(nnx.Param):
     """A parameter that a PEFT method added to the model (prompts, scales, bottlenecks)."""
+
+
+class SharedAdapterParam(AdapterParam, LayerShared):
+    """An added parameter that every block uses (FacT's factors); a scanned ViT does not stack it."""
 
 
 # The variable types that only exist because a PEFT method added them.
@@ -133,21 +139,26 @@ def is_scanned(model: nnx.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "scan_layers", False))
 
 
-def adapter_dropout(model: nnx.Module, rate: float, rngs: nnx.Rngs, *, what: str) -> nnx.Dropout:
+def adapter_dropout(model: nnx.Module, rate: float, rngs: nnx.Rngs, *, what: str,
+                    inside_blocks: bool = True) -> nnx.Dropout:
     """Dropout inside an adapter, with its own random stream (state that advances every step).
 
-    A scanned ViT runs its blocks with a plain scan that keeps no state changed in the forward
-    pass, so a dropout stream inside them would repeat the same mask: refused there.
+    Inside the blocks of a scanned ViT the stream is stacked like the blocks (one key and
+    count per layer), so each layer draws its own masks and the scan carries the counts out.
     """
     if rate < 0 or rate >= 1:
         raise ValueError(f"{what}: dropout must be in [0, 1), got {rate}")
     if rate == 0:
         return nnx.Dropout(0.0)
-    if is_scanned(model):
-        raise ValueError(f"{what}: dropout {rate} inside the blocks of a model with model.scan_layers=True is not "
-                         "supported (a scanned block cannot advance a random stream); set it to 0 or use "
-                         "model.scan_layers=False")
-    return nnx.Dropout(rate, rngs=nnx.Rngs(dropout=rngs.params()))
+    key = rngs.params()
+    if inside_blocks and is_scanned(model):
+        @nnx.split_rngs(splits=model.config.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked(layer_rngs: nnx.Rngs) -> nnx.Dropout:
+            return nnx.Dropout(rate, rngs=layer_rngs)
+
+        return stacked(nnx.Rngs(dropout=key))
+    return nnx.Dropout(rate, rngs=nnx.Rngs(dropout=key))
 
 
 # --------------------------------------------------------------------------- registry

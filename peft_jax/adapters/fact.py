@@ -10,8 +10,9 @@ each; fc1 and fc2: four each; 12 per block). Each block's update is ``s * U C_i 
 
 ``V`` starts at zero (the identity), ``U`` and the cores as in the reference code; dropout
 (``peft.dropout``, default 0.1) acts on the core's output, scale ``peft.scale`` (default 1),
-rank ``peft.rank``. The update is linear, so FacT merges. ``U``/``V`` are shared across layers,
-which a scanned (stacked) model cannot hold: use ``model.scan_layers=False``.
+rank ``peft.rank``. The update is linear, so FacT merges. ``U``, ``V`` and ``G`` are
+``SharedAdapterParam``: a scanned ViT keeps them out of its stacked layer axis, while the
+per-layer cores and ``P`` columns get that axis like any adapter parameter.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import (
-    AdapterParam, Method, adapter_dropout, adapter_variables, is_scanned, iter_wrapped, modules_matching, register,
-    replace_module,
+    AdapterParam, Method, SharedAdapterParam, adapter_dropout, adapter_variables, iter_wrapped, leading_shape,
+    modules_matching, register, replace_module,
 )
 
 TARGETS = r"(attn/(query|key|value|out)|mlp/(fc1|fc2))$"
@@ -35,12 +36,13 @@ class FacTShared(nnx.Module):
 
     def __init__(self, width: int, rank: int, tucker: bool, num_cores: int, dropout: nnx.Dropout, *, rngs: nnx.Rngs):
         bound = 1.0 / math.sqrt(width)  # nn.Linear's default (Kaiming-uniform, a=sqrt(5))
-        self.u = AdapterParam(jax.random.uniform(rngs.params(), (width, rank), jnp.float32, -bound, bound))
-        self.v = AdapterParam(jnp.zeros((rank, width), jnp.float32))
+        self.u = SharedAdapterParam(jax.random.uniform(rngs.params(), (width, rank), jnp.float32, -bound, bound))
+        self.v = SharedAdapterParam(jnp.zeros((rank, width), jnp.float32))
         self.tucker = tucker
         if tucker:  # Xavier-uniform on (r, r, r): fans r*r and r*r
             g = math.sqrt(6.0 / (2 * rank * rank))
-            self.core_tensor = AdapterParam(jax.random.uniform(rngs.params(), (rank, rank, rank), jnp.float32, -g, g))
+            self.core_tensor = SharedAdapterParam(
+                jax.random.uniform(rngs.params(), (rank, rank, rank), jnp.float32, -g, g))
             # P is one (r, num_cores) Xavier-uniform matrix in the paper; each layer holds its own columns.
             self.p_bound = math.sqrt(6.0 / (rank + num_cores))
         self.dropout = dropout
@@ -50,7 +52,9 @@ class FacTLinear(nnx.Module):
     """``base(x) + s * blockwise(U C V)``: the kernel (nin*w, nout*w) gets one r x r core per w x w block."""
 
     def __init__(self, base: nnx.Linear, shared: FacTShared, scale: float, *, rngs: nnx.Rngs):
-        din, dout = base.kernel[...].shape
+        kernel = base.kernel[...]
+        lead = leading_shape(kernel, 2)  # (depth,) in a scanned model
+        din, dout = kernel.shape[-2:]
         width, rank = shared.u[...].shape
         if din % width or dout % width:
             raise ValueError(f"fact: a {din}x{dout} layer is not made of {width}x{width} blocks")
@@ -60,25 +64,27 @@ class FacTLinear(nnx.Module):
         self.blocks = (din // width, dout // width)
         n = self.blocks[0] * self.blocks[1]
         if shared.tucker:
-            self.p = AdapterParam(jax.random.uniform(rngs.params(), (rank, n), jnp.float32,
+            self.p = AdapterParam(jax.random.uniform(rngs.params(), lead + (rank, n), jnp.float32,
                                                      -shared.p_bound, shared.p_bound))
         else:  # one nn.Linear(r * nin, r * nout, bias=False) per layer in the reference code
             bound = 1.0 / math.sqrt(rank * self.blocks[0])
-            self.cores = AdapterParam(jax.random.uniform(rngs.params(), self.blocks + (rank, rank), jnp.float32,
-                                                         -bound, bound))
+            self.cores = AdapterParam(jax.random.uniform(rngs.params(), lead + self.blocks + (rank, rank),
+                                                         jnp.float32, -bound, bound))
 
     def core(self) -> jax.Array:
-        """(nin, nout, r, r)."""
+        """(..., nin, nout, r, r), with the stacked layer axis of a scanned model in front when merging."""
         if self.shared.tucker:
-            r = self.p.shape[0]
-            return jnp.einsum("abk,kn->nab", self.shared.core_tensor[...], self.p[...]).reshape(self.blocks + (r, r))
+            p = self.p[...]
+            r = p.shape[-2]
+            cores = jnp.einsum("abk,...kn->...nab", self.shared.core_tensor[...], p)
+            return cores.reshape(p.shape[:-2] + self.blocks + (r, r))
         return self.cores[...]
 
     def delta(self) -> jax.Array:
-        """The kernel update (in, out)."""
+        """The kernel update (..., in, out)."""
         u, v = self.shared.u[...], self.shared.v[...]
-        d = jnp.einsum("ar,ijrs,sb->iajb", u, self.core(), v)
-        return self.scale * d.reshape(u.shape[0] * self.blocks[0], v.shape[1] * self.blocks[1])
+        d = jnp.einsum("ar,...ijrs,sb->...iajb", u, self.core(), v)
+        return self.scale * d.reshape(d.shape[:-4] + (u.shape[0] * self.blocks[0], v.shape[1] * self.blocks[1]))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
@@ -94,9 +100,6 @@ def _surgery(tucker: bool):
     name = "fact_tk" if tucker else "fact_tt"
 
     def surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
-        if is_scanned(model):
-            raise ValueError(f"{name} shares its factors U and V across all layers, which the stacked blocks of "
-                             "model.scan_layers=True cannot hold; use model.scan_layers=False")
         rank = int(cfg.rank)
         if rank < 1:
             raise ValueError(f"peft.rank must be a positive integer, got {cfg.rank}")
@@ -104,7 +107,7 @@ def _surgery(tucker: bool):
         if not targets:
             raise ValueError(f"{name}: no attention or MLP linear layers found")
         width = model.config.hidden_size
-        num_cores = sum(m.kernel.shape[0] * m.kernel.shape[1] // width**2 for _, m in targets)
+        num_cores = sum(m.kernel[...].size // width**2 for _, m in targets)  # all layers, stacked or not
         rate = float(cfg.dropout) if cfg.get("dropout") is not None else 0.1
         dropout = adapter_dropout(model, rate, rngs, what=f"{name} (peft.dropout)")
         shared = FacTShared(width, rank, tucker, num_cores, dropout, rngs=rngs)

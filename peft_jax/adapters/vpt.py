@@ -6,7 +6,8 @@ The prompts sit between the prefix (class) token and the patch tokens, ``[cls, P
   are dropped, since the next block replaces them with its own (the paper's deep variant).
 - ``vpt_shallow``: prompts enter before the first block and travel through all of them; they are
   dropped before the final norm (which acts per token), so class-token and GAP pooling both see
-  the image tokens only.
+  the image tokens only. They live in the ViT's ``extra_tokens`` slot, outside the blocks, so a
+  scanned model takes them too.
 
 Prompts are initialised as in the paper: uniform in +-sqrt(6 / (3 * patch^2 + width)), Xavier
 for the patch-embedding fan-in. ``peft.prompt_dropout`` drops prompt entries while training.
@@ -21,7 +22,7 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import (
-    AdapterParam, Method, adapter_dropout, adapter_variables, is_scanned, leading_shape, register, wrap_modules,
+    AdapterParam, Method, adapter_dropout, adapter_variables, leading_shape, register, wrap_modules,
 )
 from peft_jax.models.vit import Block
 
@@ -53,16 +54,21 @@ class PromptedBlock(nnx.Module):
         return jnp.concatenate([y[:, : self.prefix], y[:, self.prefix + p.shape[0]:]], axis=1)
 
 
-class DropPrompts(nnx.Module):
-    """Removes the shallow prompts' outputs before ``base`` (the final norm)."""
+class ShallowPrompts(nnx.Module):
+    """VPT-shallow's tokens, held in the ViT's ``extra_tokens`` slot: inserted after the prefix
+    before the first block, their outputs removed after the last (before the per-token final norm)."""
 
-    def __init__(self, base: nnx.Module, *, prefix: int, num_tokens: int):
-        self.base = base
-        self.prefix = prefix
-        self.num_tokens = num_tokens
+    def __init__(self, prompts: AdapterParam, dropout: nnx.Dropout):
+        self.prompts = prompts
+        self.dropout = dropout
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.base(jnp.concatenate([x[:, : self.prefix], x[:, self.prefix + self.num_tokens:]], axis=1))
+    def insert(self, x: jax.Array, prefix: int) -> jax.Array:
+        p = self.prompts[...]
+        prompts = self.dropout(jnp.broadcast_to(p.astype(x.dtype), (x.shape[0],) + p.shape))
+        return jnp.concatenate([x[:, :prefix], prompts, x[:, prefix:]], axis=1)
+
+    def remove(self, x: jax.Array, prefix: int) -> jax.Array:
+        return jnp.concatenate([x[:, :prefix], x[:, prefix + self.prompts.shape[0]:]], axis=1)
 
 
 def _num_tokens(cfg: ml_collections.ConfigDict) -> int:
@@ -86,17 +92,11 @@ def vpt_deep_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nn
 
 def vpt_shallow_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
     n = _num_tokens(cfg)
-    if is_scanned(model):
-        raise ValueError("vpt_shallow inserts its prompts before the first block only, but with "
-                         "model.scan_layers=True the blocks are one stacked module; use model.scan_layers=False "
-                         "(or vpt_deep)")
-    prefix = model.config.num_prefix_tokens
-    dropout = adapter_dropout(model, float(cfg.prompt_dropout), rngs, what="vpt_shallow (peft.prompt_dropout)")
-    wrap_modules(model, (Block,), r"^blocks/0$",
-                 lambda path, b: PromptedBlock(b, _prompts(model, (), n, rngs), prefix=prefix, keep=True,
-                                               dropout=dropout), what="vpt_shallow")
-    wrap_modules(model, (nnx.LayerNorm,), r"^norm$",
-                 lambda path, m: DropPrompts(m, prefix=prefix, num_tokens=n), what="vpt_shallow")
+    if getattr(model, "extra_tokens", False) is not None:
+        raise ValueError("vpt_shallow needs a ViT with a free extra_tokens slot (listed once in peft.method)")
+    dropout = adapter_dropout(model, float(cfg.prompt_dropout), rngs, what="vpt_shallow (peft.prompt_dropout)",
+                              inside_blocks=False)
+    model.extra_tokens = ShallowPrompts(_prompts(model, (), n, rngs), dropout)
 
 
 register(Method(

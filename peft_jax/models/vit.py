@@ -16,6 +16,11 @@ from flax import nnx
 Dtype = jnp.dtype
 
 
+class LayerShared(nnx.Param):
+    """A parameter that every block uses (e.g. factors shared across layers): a scanned
+    model keeps it unstacked and hands the same value to every step of the scan."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
     image_size: int = 224
@@ -155,6 +160,10 @@ class ViT(nnx.Module):
             self.blocks = stacked(rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        # Extension point for tokens that travel through every block without a position
+        # embedding (VPT-shallow sets it): ``insert(x, prefix)`` before the first block,
+        # ``remove(x, prefix)`` after the last. A slot, so that a scanned model can have it too.
+        self.extra_tokens = nnx.data(None)
         self.norm = nnx.LayerNorm(d, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(d, cfg.num_classes, dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.zeros)
 
@@ -173,16 +182,21 @@ class ViT(nnx.Module):
     def encode(self, x: jax.Array) -> jax.Array:
         """Runs the transformer blocks over a token sequence."""
         if self.config.scan_layers:
-            # A plain lax.scan over the stacked block state: the blocks hold no state that
-            # changes in the forward pass, and a pure jax transform nests under any outer one.
-            graph, stacked = nnx.split(self.blocks)
+            # A plain lax.scan over the stacked block state (a pure jax transform nests under
+            # any outer one). LayerShared parameters are not stacked: every step closes over the
+            # same value. The only state a block changes is the per-layer count of a dropout
+            # stream, which the scan returns and writes back.
+            graph, shared, counts, stacked = nnx.split(self.blocks, LayerShared, nnx.RngCount, ...)
 
             def body(x, layer):
-                return nnx.merge(graph, layer)(x), None
+                block = nnx.merge(graph, shared, *layer)
+                return block(x), nnx.state(block, nnx.RngCount)
 
             if self.config.remat:
                 body = jax.checkpoint(body, prevent_cse=False)
-            return jax.lax.scan(body, x, stacked)[0]
+            x, counts = jax.lax.scan(body, x, (counts, stacked))
+            nnx.update(self.blocks, counts)
+            return x
         for block in self.blocks:
             if self.config.remat:  # recompute the block in the backward pass instead of storing it
                 graph, state = nnx.split(block)
@@ -193,7 +207,14 @@ class ViT(nnx.Module):
 
     def features(self, images: jax.Array) -> jax.Array:
         """Pooled, normalised pre-head features (N, D)."""
-        x = self.norm(self.encode(self.embed(images)))
+        x = self.embed(images)
+        prefix = self.config.num_prefix_tokens
+        if self.extra_tokens is not None:
+            x = self.extra_tokens.insert(x, prefix)
+        x = self.encode(x)
+        if self.extra_tokens is not None:
+            x = self.extra_tokens.remove(x, prefix)
+        x = self.norm(x)
         pooled = x[:, 0] if self.config.pool == "token" else x.mean(axis=1)
         return pooled
 
