@@ -1,4 +1,4 @@
 """Generative-model metrics."""
-from peft_jax.metrics.fid import feature_statistics, fid, frechet_distance
+from peft_jax.metrics.fid import feature_statistics, fid, frechet_distance, load_statistics, save_statistics
 
-__all__ = ["feature_statistics", "fid", "frechet_distance"]
+__all__ = ["feature_statistics", "fid", "frechet_distance", "load_statistics", "save_statistics"]

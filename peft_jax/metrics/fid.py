@@ -8,6 +8,8 @@ singular covariances (fewer images than feature dimensions).
 """
 from __future__ import annotations
 
+import os
+import zipfile
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -47,3 +49,30 @@ def fid(real: Iterable[np.ndarray], fake: Iterable[np.ndarray],
         return feature_statistics(np.concatenate([np.asarray(features(b)) for b in batches]))
 
     return frechet_distance(*stats(real), *stats(fake))
+
+
+def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
+    """Writes a dataset's feature statistics as .npz (mu, sigma: pytorch-fid's layout, plus num_images), so that
+    the reference side of an FID is computed once."""
+    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), num_images=num_images)
+
+
+def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a statistics .npz (ours or pytorch-fid's), checked for shape and finiteness."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # ValueError: text or pickled data
+        raise ValueError(f"{path}: not a readable .npz statistics file") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a statistics file is an .npz holding 'mu' and 'sigma', not a single array")
+    with data:
+        if "mu" not in data.files or "sigma" not in data.files:
+            raise ValueError(f"{path}: a statistics file needs arrays 'mu' and 'sigma', found {sorted(data.files)}")
+        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise ValueError(f"{path}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu or sigma holds non-finite values")
+    return mu, sigma

@@ -11,6 +11,7 @@ from peft_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
 MODEL_NAMES: tuple[str, ...] = tuple(VIT_VARIANTS) + RESNET_NAMES
 DIFFUSION_ARCHS = ("unet2d_condition", "autoencoder_kl", "clip_text")  # loaded by checkpoints/diffusers.py
+FEATURE_ARCHS = ("inception_v3_fid",)  # FID's Inception-v3, loaded by checkpoints/inception.py
 
 
 def unknown_name_error(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> ValueError:
@@ -52,6 +53,10 @@ def from_pretrained(arch: str, path, **kwargs) -> nnx.Module:
         from peft_jax.checkpoints.diffusers import from_pretrained as load_diffusers
 
         return load_diffusers(arch, path, **kwargs)
+    if arch in FEATURE_ARCHS:  # pytorch-fid's Inception-v3 weights
+        from peft_jax.checkpoints.inception import from_pretrained as load_inception
+
+        return load_inception(path, **kwargs)
     from peft_jax.checkpoints import from_pretrained as load
 
     return load(arch, path, **kwargs)

@@ -1,0 +1,114 @@
+"""Inception-v3 pool3 features for FID: jitted batches of arrays, and image folders read as pytorch-fid does.
+
+pytorch-fid reads an image as RGB in [0, 1] and resizes it inside the network, bilinearly
+to 299 x 299 without antialiasing. Images of a folder differ in size, so here each image is
+resized on the host with the same interpolation weights (``resize_bilinear``), and every
+batch then has one shape: one compile for a whole folder.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peft_jax.models.inception import FEATURE_DIM, INPUT_SIZE, InceptionV3
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pool3(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
+    if images.dtype == jnp.uint8:
+        images = images.astype(jnp.float32) / 127.5 - 1.0
+    return nnx.merge(graphdef, state)(images.astype(jnp.float32))
+
+
+def inception_features(model: InceptionV3, batch_size: int = 32) -> Callable[[np.ndarray], np.ndarray]:
+    """``features(images)`` for ``fid()``: NHWC uint8 or [-1, 1] float images -> (N, 2048) float32.
+
+    Images go through the jitted network `batch_size` at a time; the last batch is padded
+    to full size so that a stream of equally sized images compiles once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    graphdef, state = nnx.split(model)
+
+    def features(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"Inception features need NHWC RGB images, got shape {images.shape}")
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            n = len(batch)
+            if n < batch_size:
+                batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
+            out.append(np.asarray(_pool3(graphdef, state, jnp.asarray(batch)))[:n])
+        return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM), np.float32)
+
+    return features
+
+
+def _interpolation(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of torch's bilinear resize along one axis (align_corners=False).
+
+    torch computes the source coordinate ``scale * (i + 0.5) - 0.5`` with a float32 scale and one
+    fused multiply-add, rounded once to float32; the same here (float64, then rounded) matches its
+    output to 1e-7, where two float32 roundings were 4e-6 off.
+    """
+    scale = np.float64(np.float32(n_in) / np.float32(n_out))
+    src = np.maximum((scale * (np.arange(n_out) + 0.5) - 0.5).astype(np.float32), np.float32(0))
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, src - lo.astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """(H, W, C) -> (size, size, C) float32, as torch's F.interpolate(mode="bilinear", align_corners=False)."""
+    image = np.asarray(image, np.float32)
+    lo, hi, w = _interpolation(image.shape[0], size)
+    image = image[lo] * (1 - w)[:, None, None] + image[hi] * w[:, None, None]
+    lo, hi, w = _interpolation(image.shape[1], size)
+    return image[:, lo] * (1 - w)[None, :, None] + image[:, hi] * w[None, :, None]
+
+
+def image_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
+    """The png/jpg images under `folder`, recursively, sorted; an error when there are none."""
+    folder = pathlib.Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} images in it or its subfolders")
+    return files
+
+
+def load_image(path: pathlib.Path, size: int = INPUT_SIZE) -> np.ndarray:
+    """One image file as (size, size, 3) float32 in [-1, 1] (grey images repeated over RGB)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"), np.float32)
+    except OSError as e:  # PIL's UnidentifiedImageError included
+        raise ValueError(f"{path}: not a readable image ({e})") from e
+    return resize_bilinear(rgb, size) / 127.5 - 1.0
+
+
+def folder_features(files: Sequence[pathlib.Path], features: Callable[[np.ndarray], np.ndarray], *,
+                    batch_size: int = 32, progress: bool = True, desc: str = "images") -> np.ndarray:
+    """(N, D) features of image files, read and resized `batch_size` at a time (never all in memory)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    with tqdm(total=len(files), unit="img", desc=desc, disable=not progress) as bar:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            out.append(features(np.stack([load_image(p) for p in chunk])))
+            bar.update(len(chunk))
+    return np.concatenate(out)
