@@ -18,12 +18,11 @@ from peft_jax import data as data_lib
 from peft_jax.adapters.io import load_adapter
 from peft_jax.config import base_config
 from peft_jax.train import builder, loop
+from test_vit_methods import VIT_B16_COUNTS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Every ViT method in exactly one run; methods share a run to keep the suite fast (a run per method
-# passes too, at about 10 s each). Each run checks that every one of its variables trained.
-RUNS = ["vpt_shallow+adapter_pfeiffer+dora", "vpt_deep+adapter_houlsby+ia3", "adaptformer+repadapter+lora",
-        "fact_tt+difffit", "fact_tk+attention_tune", "convpass+ln_tune+bitfit"]
+# Every ViT method on its own (each run checks that every one of its variables trained).
+RUNS = sorted(VIT_B16_COUNTS) + ["ssf"]
 TINY = dict(name="vit_ti16", image_size=28, patch_size=4, depth=2)
 
 
