@@ -1,84 +1,138 @@
-"""CPU smoke run of text-to-image PEFT on the real chest X-rays: a tiny SD pipeline (random weights, built in
-diffusers and saved), label prompts, a few dozen steps; the loss falls, sampling gives latents and images of the
-right shape, and the FID between generated and real images is finite."""
+"""CPU runs of launch/train_t2i.py with a tiny SD pipeline (tests/sd_tiny.py): LoRA with label prompts on the real
+chest X-rays lowers the loss and writes results.json, adapter/ (with its diffusers export) and checkpoints; report
+prompts of IU X-ray (real reports, generated images) and of a generated MIMIC-CXR release; a run killed on a 2-way
+data-parallel mesh continues on a 2-way FSDP mesh with the losses of the uninterrupted single-device run."""
 import json
 import pathlib
 import sys
 
-import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "launch"))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+sys.path.insert(0, str(ROOT / "configs"))
 
 import train_t2i  # noqa: E402
 from sd15_common import get_config  # noqa: E402
+from sd15_lora import get_config as lora_config  # noqa: E402
+from sd_tiny import tiny_pipeline  # noqa: E402,F401  (fixture)
+from test_data_builders import _csv_subset, _write_generated_images  # noqa: E402
+from test_data_generated import mimic_manual  # noqa: E402,F401  (fixture)
 
-from peft_jax.checkpoints.diffusers import load_pipeline  # noqa: E402
-from peft_jax.metrics import fid  # noqa: E402
-from peft_jax.models.diffusion import schedulers  # noqa: E402
+from peft_jax.checkpoints.diffusers import load_tokenizer  # noqa: E402
+from peft_jax.train import loop  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd_tiny")
-    torch.manual_seed(0)
-    diffusers.UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=4, norm_num_groups=8).save_pretrained(root / "unet")
-    diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-                            layers_per_block=1).save_pretrained(root / "vae")
-    transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-        max_position_embeddings=77)).save_pretrained(root / "text_encoder")
-    diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                            steps_offset=1).save_pretrained(root / "scheduler")
-    tok = root / "tokenizer"
-    tok.mkdir()
-    from tokenizers import pre_tokenizers
-
-    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
-    (tok / "vocab.json").write_text(json.dumps(vocab))
-    (tok / "merges.txt").write_text("#version: 0.2\n")
-    return root
-
-
-def test_train_sample_fid_on_chest_xrays(shared_data, tiny_pipeline, tmp_path):
-    cfg = get_config("norm_bias_attention")
+def chest_run(shared_data, tiny_pipeline, tmp_path_factory):
+    """LoRA on 32 real chest X-rays with label prompts: 40 steps on one device (the reference run)."""
+    cfg = lora_config()
     cfg.init.checkpoint = str(tiny_pipeline)
     cfg.model.image_size = 32
-    cfg.dataset.manual_dir = str(shared_data / "chest_xray" / "train")
-    cfg.dataset.max_images = 32
-    cfg.train.update(num_steps=40, batch_size=8, lr=3e-3, log_every=0)
-    results = train_t2i.train(cfg, tmp_path)
+    cfg.dataset.update(manual_dir=str(shared_data / "chest_xray" / "train"), max_images=32)
+    cfg.train.update(num_steps=40, batch_size=8, lr=1e-2, log_every=0, checkpoint_every=20)
+    cfg.mesh.min_shard_size = 256  # small enough to shard the tiny U-Net's weights over fsdp
+    workdir = tmp_path_factory.mktemp("chest_run")
+    return cfg, workdir, train_t2i.train(cfg, workdir)
+
+
+def test_label_prompts_lower_the_loss_and_write_the_contract_files(chest_run):
+    cfg, workdir, results = chest_run
     losses = np.asarray(results["losses"])
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
-    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
-    assert 0 < results["trainable_params"] < results["total_params"]
+    assert results["num_prompts"] == 2 and results["num_images"] == 32  # "a chest x-ray showing normal" / "pneumonia"
+    assert 0 < results["trainable_params"] < results["total_params"] and results["num_devices"] == 1
+    assert json.loads((workdir / "results.json").read_text())["losses"] == results["losses"]
+    meta = json.loads((workdir / "adapter" / "adapter_config.json").read_text())
+    assert meta["peft"]["method"] == "lora" and len(meta["base_hash"]) == 64
+    assert {p.name for p in (workdir / "adapter").iterdir()} == {"adapter.safetensors", "adapter_config.json",
+                                                                 "diffusers"}
+    assert (workdir / "adapter" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    assert loop.checkpoint_manager(workdir / "checkpoints" / "latest").latest_step() == 40
 
-    pipe = load_pipeline(tiny_pipeline)
-    context = jnp.asarray(train_t2i.encode_prompts(pipe, ["a chest x-ray showing pneumonia"] * 4))
-    uncond = jnp.asarray(train_t2i.encode_prompts(pipe, [""] * 4))
-    sampler = schedulers.make_sampler("ddim", pipe.scheduler, 5)
-    latents = nnx.jit(lambda unet, c, u, k: schedulers.sample(unet, sampler, c, u, shape=(4, 16, 16, 4), key=k,
-                                                              guidance_scale=3.0))(pipe.unet, context, uncond,
-                                                                                   jax.random.key(0))
-    images = np.clip(np.asarray(nnx.jit(lambda v, z: v.decode_latents(z))(pipe.vae, latents)), -1, 1)
-    assert latents.shape == (4, 16, 16, 4) and images.shape == (4, 32, 32, 3)
-    real, _ = train_t2i.image_folder(cfg.dataset.manual_dir, 32, max_images=8)
 
-    def features(x):  # 4x4 average-pooled pixels: a cheap stand-in for Inception features
-        return x.reshape(len(x), 4, 8, 4, 8, 3).mean(axis=(2, 4)).reshape(len(x), -1)
+def _report_cfg(name: str, manual, data_dir, **overrides):
+    cfg = get_config().dataset
+    cfg.update(name=name, manual_dir=str(manual), data_dir=str(data_dir), **overrides)
+    return cfg
 
-    assert np.isfinite(fid([real], [images], features))
+
+def _prompts(cfg, splits=("train", "validation", "test")) -> list[str]:
+    prompts = []
+    for split in splits:
+        cfg.split = split
+        examples = train_t2i.load_examples(cfg, 16)
+        prompts += [examples.read(i)[1] for i in range(examples.count)]
+    return prompts
+
+
+def test_report_prompts_iu_xray_and_mimic_cxr(shared_data, mimic_manual, tiny_pipeline, tmp_path):
+    # IU X-ray: the real reports of 30 studies, generated images.
+    manual = tmp_path / "iu"
+    uids = {str(u) for u in range(1, 31)}
+    projections = _csv_subset(shared_data / "iu_xray" / "indiana_projections.csv", manual / "indiana_projections.csv",
+                              lambda r: r["uid"] in uids)
+    reports = {r["uid"]: r for r in _csv_subset(shared_data / "iu_xray" / "indiana_reports.csv",
+                                               manual / "indiana_reports.csv", lambda r: r["uid"] in uids)}
+    _write_generated_images([manual / "images" / "images_normalized" / r["filename"] for r in projections], "PNG")
+    frontal = [reports[r["uid"]] for r in projections if r["projection"] == "Frontal"]
+    cfg = _report_cfg("iu_xray", manual, tmp_path / "tfds")
+    assert sorted(_prompts(cfg)) == sorted(" ".join(r["impression"].split()) for r in frontal)
+    cfg.prompt_field = "both"
+    assert sorted(_prompts(cfg)) == sorted(" ".join(f"{r['findings']} {r['impression']}".split()) for r in frontal)
+    examples = train_t2i.load_examples(cfg, 16)
+    assert examples.read(0)[0].shape == (16, 16, 3)
+
+    # MIMIC-CXR: findings of the frontal training images ("" for the impression-only reports: left out in training).
+    mimic, images = mimic_manual
+    cfg = _report_cfg("mimic_cxr", mimic, tmp_path / "tfds", prompt_field="findings")
+    expected = [im["findings"] for im in images if im["split"] == "train" and im["view"] in ("PA", "AP")]
+    assert sorted(_prompts(cfg, ["train"])) == sorted(expected) and "" in expected
+    with pytest.raises(ValueError, match="prompt_field"):
+        train_t2i.load_examples(_report_cfg("mimic_cxr", mimic, tmp_path / "tfds", prompt_field="report"), 16)
+
+    assert train_t2i.report_prompt({"findings": b" Heart size\n normal. ", "impression": "Clear.  "}, "both") == (
+        "Heart size normal. Clear.")
+    assert load_tokenizer(tiny_pipeline)([" ".join(["effusion"] * 200)]).shape == (1, 77)  # truncated to CLIP's 77
+
+
+def _interrupt_at(step: int, monkeypatch) -> type:
+    """Makes the checkpoint save of ``step`` fail: a run killed after the previous checkpoint."""
+    class Killed(Exception):
+        pass
+
+    save = loop.Checkpoints.save
+
+    def failing(manager, at, state, meta):
+        if at == step:
+            raise Killed(f"killed before saving step {step}")
+        save(manager, at, state, meta)
+
+    monkeypatch.setattr(loop.Checkpoints, "save", staticmethod(failing))
+    return Killed
+
+
+def test_killed_run_resumes_with_single_device_losses_on_data_and_fsdp_meshes(chest_run, monkeypatch):
+    reference_cfg, workdir, reference = chest_run
+    cfg = ml_collections.ConfigDict(reference_cfg.to_dict())
+    # 6 of the reference's 40 steps (the learning rate is constant: the run length changes nothing before it),
+    # killed before the checkpoint of step 4 on a 2-way data-parallel mesh, rerun on a 2-way FSDP mesh.
+    cfg.train.update(num_steps=6, checkpoint_every=2)
+    cfg.mesh.data = 2
+    run = workdir.parent / "killed_run"
+    killed = _interrupt_at(4, monkeypatch)
+    with pytest.raises(killed):
+        train_t2i.train(cfg, run)
+    monkeypatch.undo()
+    assert loop.checkpoint_manager(run / "checkpoints" / "latest").latest_step() == 2
+    assert not (run / "results.json").exists()
+    cfg.mesh.update(data=1, fsdp=2)  # the mesh may change between a run and its continuation
+    resumed = train_t2i.train(cfg, run)
+    assert resumed["num_devices"] == 2 and resumed["steps_run"] == 6
+    np.testing.assert_allclose(resumed["losses"], reference["losses"][:6], rtol=0, atol=1e-5)

@@ -88,17 +88,23 @@ class StopTrial(Exception):
     """Raised by an ``on_eval`` hook (e.g. a pruned hyper-parameter trial) to end the run after a saved evaluation."""
 
 
+def checkpoint_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
+    """An orbax manager keeping one checkpoint (also used by launch/train_t2i.py).
+
+    Saves go to a temporary folder renamed into place, so a kill mid-save leaves the previous
+    checkpoint intact; leftovers of such a save are removed at the next start.
+    """
+    opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True,
+                                        cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(directory.absolute(), options=opts)
+
+
 class Checkpoints:
     """Two orbax managers: the latest state (for resuming) and the best by validation macro-F1."""
 
     def __init__(self, workdir: pathlib.Path):
-        # Saves go to a temporary folder renamed into place, so a kill mid-save leaves the previous
-        # checkpoint intact; leftovers of such a save are removed at the next start.
-        opts = dict(max_to_keep=1, enable_async_checkpointing=False, create=True, cleanup_tmp_directories=True)
-        self.latest = ocp.CheckpointManager((workdir / "checkpoints" / "latest").absolute(),
-                                            options=ocp.CheckpointManagerOptions(**opts))
-        self.best = ocp.CheckpointManager((workdir / "checkpoints" / "best").absolute(),
-                                          options=ocp.CheckpointManagerOptions(**opts))
+        self.latest = checkpoint_manager(workdir / "checkpoints" / "latest")
+        self.best = checkpoint_manager(workdir / "checkpoints" / "best")
 
     @staticmethod
     def save(manager: ocp.CheckpointManager, step: int, state: dict, meta: dict) -> None:
