@@ -129,12 +129,22 @@ def test_bfloat16_safetensors_are_read_as_float32(timm_ref, tmp_path):
     np.testing.assert_array_equal(model.blocks[0].mlp.fc1.kernel[...], state["blocks.0.mlp.fc1.weight"].float().numpy().T)
 
 
-def test_timm_fc_norm_variant_is_refused(timm_ref, tmp_path):
-    state = {k: torch.from_numpy(v.copy()) for k, v in to_timm_vit(timm_ref[1]).items()}
-    state["fc_norm.weight"] = torch.ones(D)
+def test_timm_fc_norm_average_pooling(timm_ref, tmp_path):
+    """timm's fc_norm variant (MAE fine-tunes): class token kept, patch tokens averaged, then the LayerNorm.
+    The torch reference is the same network's last block output, pooled and normalised by hand."""
+    ref, on_disk = timm_ref
+    state = {k: torch.from_numpy(v.copy()) for k, v in to_timm_vit(on_disk).items()}
+    state["fc_norm.weight"], state["fc_norm.bias"] = state.pop("norm.weight"), state.pop("norm.bias")
     save_file(state, tmp_path / "vit.safetensors")
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\):\n    fc_norm.weight"):
-        from_pretrained("vit_b16", tmp_path / "vit.safetensors", **SMALL_OVERRIDES)
+    x = images(2, 32)
+    with torch.no_grad():
+        last = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), output_hidden_states=True).hidden_states[-1]
+        pooled = torch.nn.functional.layer_norm(last[:, 1:].mean(1), (D,), state["fc_norm.weight"],
+                                                state["fc_norm.bias"], eps=1e-6)
+        want = (pooled @ state["head.weight"].T + state["head.bias"]).numpy()
+    model = from_pretrained("vit_b16", tmp_path / "vit.safetensors", **SMALL_OVERRIDES)
+    assert model.config.fc_norm and model.config.has_class_token and model.config.pool == "gap"
+    np.testing.assert_allclose(run(model, x), want, **TOL)
 
 
 def test_google_npz_with_head(google_ref, tmp_path):

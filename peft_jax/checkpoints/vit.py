@@ -31,7 +31,11 @@ def numerics(ckpt: Checkpoint) -> dict:
     if ckpt.layout == "google_vit":  # vit_jax: flax LayerNorm(1e-6) and flax's default tanh GELU
         return dict(layer_norm_eps=1e-6, gelu_approximate=True, pool="token" if "cls" in a else "gap")
     if ckpt.layout == "timm_vit":
-        return dict(layer_norm_eps=1e-6, gelu_approximate=False, pool="token" if "cls_token" in a else "gap")
+        # timm's fc_norm (a LayerNorm after average pooling, e.g. MAE fine-tunes) implies global_pool="avg",
+        # which averages the patch tokens after the class token when there is one.
+        fc_norm = "fc_norm.weight" in a
+        return dict(layer_norm_eps=1e-6, gelu_approximate=False, class_token="cls_token" in a, fc_norm=fc_norm,
+                    pool="token" if "cls_token" in a and not fc_norm else "gap")
     config = ckpt.hf_config or {}  # a bare transformers state dict has the transformers defaults
     act = config.get("hidden_act", "gelu")
     if act not in HF_GELU:
@@ -111,7 +115,8 @@ def convert_timm(m: KeyMapper, depth: int) -> bool:
         _norm(m, (*blk, "norm2"), f"{src}.norm2.weight", f"{src}.norm2.bias")
         _linear(m, (*blk, "mlp", "fc1"), f"{src}.mlp.fc1")
         _linear(m, (*blk, "mlp", "fc2"), f"{src}.mlp.fc2")
-    _norm(m, ("norm",), "norm.weight", "norm.bias")
+    final = "fc_norm" if m.has("fc_norm.weight") else "norm"  # after or before pooling (ViTConfig.fc_norm)
+    _norm(m, ("norm",), f"{final}.weight", f"{final}.bias")
     if m.has("head.weight") or m.has("head.bias"):
         _linear(m, ("head",), "head")
     return True

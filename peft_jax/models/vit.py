@@ -31,6 +31,8 @@ class ViTConfig:
     mlp_dim: int = 3072
     num_classes: int = 1000
     pool: str = "token"  # "token" (class token) or "gap" (global average of patch tokens)
+    class_token: bool | None = None  # None: a class token exactly when pool == "token"
+    fc_norm: bool = False  # final LayerNorm after pooling instead of before (timm's fc_norm)
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = False  # Google's original ViT code uses the tanh approximation
     scan_layers: bool = False  # stack the blocks and run them with a scan (fast compiles for L/H)
@@ -42,8 +44,12 @@ class ViTConfig:
         return self.image_size // self.patch_size
 
     @property
+    def has_class_token(self) -> bool:
+        return self.pool == "token" if self.class_token is None else self.class_token
+
+    @property
     def num_prefix_tokens(self) -> int:
-        return 1 if self.pool == "token" else 0
+        return 1 if self.has_class_token else 0
 
 
 # Widths, depths and heads of the published models (Dosovitskiy et al., Steiner et al.).
@@ -145,10 +151,12 @@ class ViT(nnx.Module):
             padding="VALID", dtype=dtype, rngs=rngs,
             kernel_init=nnx.initializers.lecun_normal(),
         )
-        if cfg.pool == "token":
-            self.cls_token = nnx.Param(jnp.zeros((1, 1, d), jnp.float32))
-        elif cfg.pool != "gap":
+        if cfg.pool not in ("token", "gap"):
             raise ValueError(f"model.pool must be 'token' or 'gap', got {cfg.pool!r}")
+        if cfg.pool == "token" and not cfg.has_class_token:
+            raise ValueError("model.pool='token' needs a class token (class_token=False was given)")
+        if cfg.has_class_token:
+            self.cls_token = nnx.Param(jnp.zeros((1, 1, d), jnp.float32))
         num_tokens = cfg.grid_size**2 + cfg.num_prefix_tokens
         self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_tokens, d), jnp.float32))
         if cfg.scan_layers:
@@ -174,7 +182,7 @@ class ViT(nnx.Module):
         if gh != gw:
             raise ValueError(f"ViT expects square inputs, got a {gh}x{gw} patch grid")
         x = x.reshape(b, gh * gw, d)
-        if self.config.pool == "token":
+        if self.config.has_class_token:
             x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d)), x], axis=1)
         pos = resize_pos_embed(self.pos_embed[...], gh, self.config.num_prefix_tokens)
         return x + pos.astype(x.dtype)
@@ -214,9 +222,10 @@ class ViT(nnx.Module):
         x = self.encode(x)
         if self.extra_tokens is not None:
             x = self.extra_tokens.remove(x, prefix)
-        x = self.norm(x)
-        pooled = x[:, 0] if self.config.pool == "token" else x.mean(axis=1)
-        return pooled
+        if not self.config.fc_norm:
+            x = self.norm(x)
+        pooled = x[:, 0] if self.config.pool == "token" else x[:, prefix:].mean(axis=1)
+        return self.norm(pooled) if self.config.fc_norm else pooled
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.head(self.features(images)).astype(jnp.float32)
