@@ -39,6 +39,7 @@ EXTRAS = {
     ],
     "hpo": ["optuna==5.0.0"],
     "gpu": ["jax[cuda13]==0.10.2"],
+    "fid_reference": ["torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0"],
 }
 
 setup(

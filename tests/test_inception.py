@@ -103,15 +103,15 @@ def test_missing_weights_say_where_to_get_them(tmp_path, monkeypatch):
 
 
 def test_features_of_uint8_and_float_images(model):
-    features = inception_features(model, batch_size=4)
+    features = inception_features(model, batch_size=2)
     # 299 px (the network's size) so that the float batches share a compile with the folder test's
-    images = np.random.default_rng(1).integers(0, 256, (5, 299, 299, 3), dtype=np.uint8)
+    images = np.random.default_rng(1).integers(0, 256, (3, 299, 299, 3), dtype=np.uint8)
     got = features(images)  # two batches, the second padded
-    assert got.shape == (5, 2048) and got.dtype == np.float32 and np.isfinite(got).all()
+    assert got.shape == (3, 2048) and got.dtype == np.float32 and np.isfinite(got).all()
     assert np.abs(got).mean() > 1e-2  # the fixture's network does not collapse its input
     np.testing.assert_allclose(features(images.astype(np.float32) / 127.5 - 1), got, atol=1e-5)
-    cancelled = 2 * np.trace(np.cov(got[:4], rowvar=False))  # what FID(x, x) subtracts to reach 0
-    assert abs(fid([images[:2], images[2:4]], [images[:4]], features)) < 1e-6 * cancelled
+    cancelled = 2 * np.trace(np.cov(got[:2], rowvar=False))  # what FID(x, x) subtracts to reach 0
+    assert abs(fid([images[:2]], [images[:2]], features)) < 1e-5 * cancelled  # rank 1: sqrt of ~0 eigenvalues
 
 
 def test_host_and_network_resize_match_torch_bilinear():
@@ -180,7 +180,8 @@ def test_fid_cli_on_chest_xrays(xray_folders, random_weights, model, tmp_path):
     assert lines[0] == f"FID: {result['fid']:.4f}" and result["num_real"] == 4 and result["num_fake"] == 4
     assert np.isfinite(result["fid"]) and result["fid"] > 1e-3
 
-    here = feature_statistics(folder_features(image_files(normal), inception_features(model, 4), progress=False))
+    here = feature_statistics(folder_features(image_files(normal), inception_features(model, 2), batch_size=2,
+                                                     progress=False))
     assert abs(frechet_distance(*load_statistics(tmp_path / "normal.npz"), *here)) < 1e-6 * result["fid"]
 
 
