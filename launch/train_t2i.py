@@ -134,9 +134,11 @@ def _padded(x: np.ndarray, n: int) -> np.ndarray:
 def encode_prompts(pipe: StableDiffusion, prompts: list[str]) -> np.ndarray:
     """CLIP text embeddings (N, 77, D) of the prompts, truncated to 77 tokens."""
     ids = pipe.tokenizer(prompts)
-    return np.concatenate([np.asarray(_encode_text(pipe.text_encoder, jnp.asarray(_padded(ids[i:i + TEXT_CHUNK],
-                                                                                            TEXT_CHUNK))))
-                           [:len(ids[i:i + TEXT_CHUNK])] for i in range(0, len(ids), TEXT_CHUNK)])
+    out = []
+    for i in range(0, len(ids), TEXT_CHUNK):
+        chunk = ids[i:i + TEXT_CHUNK]
+        out.append(np.asarray(_encode_text(pipe.text_encoder, jnp.asarray(_padded(chunk, TEXT_CHUNK))))[:len(chunk)])
+    return np.concatenate(out)
 
 
 @dataclasses.dataclass
@@ -156,12 +158,12 @@ def cache_examples(pipe: StableDiffusion, examples: Examples, max_images: int = 
         indices = np.sort(np.random.default_rng(0).permutation(examples.count)[:max_images])
     latents, prompts = [], []
     for start in tqdm.trange(0, len(indices), IMAGE_CHUNK, desc="encoding images", disable=None):
-        pairs = [examples.read(int(i)) for i in indices[start:start + IMAGE_CHUNK]]
-        images = np.stack([image for image, prompt in pairs if prompt]) if any(p for _, p in pairs) else None
-        if images is not None:
-            out = _encode_images(pipe.vae, jnp.asarray(_padded(images, IMAGE_CHUNK)))
-            latents.append(np.asarray(out)[:len(images)])
-            prompts.extend(prompt for _, prompt in pairs if prompt)
+        pairs = map(examples.read, indices[start:start + IMAGE_CHUNK].tolist())
+        kept = [(image, prompt) for image, prompt in pairs if prompt]
+        if kept:
+            images = jnp.asarray(_padded(np.stack([image for image, _ in kept]), IMAGE_CHUNK))
+            latents.append(np.asarray(_encode_images(pipe.vae, images))[:len(kept)])
+            prompts.extend(prompt for _, prompt in kept)
     if not prompts:
         raise ValueError(f"none of the {len(indices)} examples has prompt text")
     if len(prompts) < len(indices):

@@ -1,5 +1,6 @@
 """A tiny Stable Diffusion pipeline folder for the text-to-image tests: random weights, built with diffusers and
-transformers and saved in the diffusers layout (one-level U-Net on 16x16 latents, VAE x2, CLIP width 32, byte-level tokenizer)."""
+transformers and saved in the diffusers layout (a one-level U-Net on 16x16 latents, a VAE downsampling by 2, a CLIP
+text encoder of width 32, a byte-level tokenizer)."""
 import json
 import pathlib
 

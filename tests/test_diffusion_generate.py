@@ -39,9 +39,9 @@ def lora_run(tiny_pipeline, tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("lora_run")
     rng = np.random.default_rng(0)
     for i in range(8):
-        (root / "images" / ("normal", "effusion")[i % 2]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(root / "images" / ("normal", "effusion")[
-            i % 2] / f"{i}.png")
+        folder = root / "images" / ("normal", "effusion")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(folder / f"{i}.png")
     cfg = get_config()
     cfg.init.checkpoint = str(tiny_pipeline)
     cfg.model.image_size = 32
