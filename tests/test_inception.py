@@ -104,7 +104,7 @@ def test_missing_weights_say_where_to_get_them(tmp_path, monkeypatch):
 
 def test_features_of_uint8_and_float_images(model):
     features = inception_features(model, batch_size=2)
-    # 299 px (the network's size) so that the float batches share a compile with the folder test's
+    # 299 px, the size of the folder test's batches: one compile for both
     images = np.random.default_rng(1).integers(0, 256, (3, 299, 299, 3), dtype=np.uint8)
     got = features(images)  # two batches, the second padded
     assert got.shape == (3, 2048) and got.dtype == np.float32 and np.isfinite(got).all()

@@ -23,16 +23,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @functools.partial(jax.jit, static_argnums=0)
 def _pool3(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
-    if images.dtype == jnp.uint8:
-        images = images.astype(jnp.float32) / 127.5 - 1.0
-    return nnx.merge(graphdef, state)(images.astype(jnp.float32))
+    return nnx.merge(graphdef, state)(images)
 
 
 def inception_features(model: InceptionV3, batch_size: int = 32) -> Callable[[np.ndarray], np.ndarray]:
     """``features(images)`` for ``fid()``: NHWC uint8 or [-1, 1] float images -> (N, 2048) float32.
 
-    Images go through the jitted network `batch_size` at a time; the last batch is padded
-    to full size so that a stream of equally sized images compiles once.
+    Images go through the jitted network `batch_size` at a time, as float32 (uint8 is scaled on
+    the host); the last batch is padded to full size, so a stream of equally sized images compiles once.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -42,6 +40,7 @@ def inception_features(model: InceptionV3, batch_size: int = 32) -> Callable[[np
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"Inception features need NHWC RGB images, got shape {images.shape}")
+        images = images / np.float32(127.5) - 1 if images.dtype == np.uint8 else images.astype(np.float32)
         out = []
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
