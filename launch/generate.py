@@ -64,6 +64,7 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
 
 
 def read_t2i_adapter_config(directory: str | pathlib.Path) -> dict:
+    """adapter_config.json, refused early when it lacks what train_t2i writes (e.g. a classifier's adapter)."""
     meta = read_adapter_config(directory)
     if not {"peft", "model", "base_hash"} <= set(meta):
         raise ValueError(f"{directory}: adapter_config.json lacks the peft method, model or base hash; is it a "
@@ -82,10 +83,15 @@ def apply_adapter(pipe: StableDiffusion, directory: str | pathlib.Path) -> None:
     merge(pipe.unet, peft_cfg)
 
 
+def vae_factor(pipe: StableDiffusion) -> int:
+    """Pixels per latent along each side."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
 def sample_images(pipe: StableDiffusion, prompts: list[str], *, sampler: str, steps: int, guidance: float,
                   seed: int, batch_size: int, image_size: int) -> np.ndarray:
     """(len(prompts), size, size, 3) uint8 images, sampled in batches of ``batch_size`` (the last one padded)."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = vae_factor(pipe)
     if image_size % factor:
         raise ValueError(f"image size {image_size} is not a multiple of the VAE's downsampling factor {factor}")
     shape = (batch_size, image_size // factor, image_size // factor, pipe.unet.config.in_channels)
@@ -135,8 +141,7 @@ def generate(base: str | pathlib.Path, prompts: list[str], out: str | pathlib.Pa
     if adapter:
         apply_adapter(pipe, adapter)
     if not image_size:
-        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        image_size = meta["model"]["image_size"] if meta else pipe.unet.config.sample_size * factor
+        image_size = meta["model"]["image_size"] if meta else pipe.unet.config.sample_size * vae_factor(pipe)
     every = [p for p in prompts for _ in range(num_images)]
     images = sample_images(pipe, every, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
                            batch_size=batch_size, image_size=image_size)
