@@ -18,7 +18,7 @@ from peft_jax.checkpoints import CheckpointError, KNOWN_CHECKPOINTS
 from peft_jax.checkpoints.core import expected_shapes
 from peft_jax.checkpoints.inception import torch_source
 from peft_jax.metrics import feature_statistics, fid, frechet_distance, load_statistics, save_statistics
-from peft_jax.metrics.inception import folder_features, image_files, inception_features, resize_bilinear
+from peft_jax.metrics.inception import folder_features, image_files, inception_features, load_image, resize_bilinear
 from peft_jax.models import from_pretrained
 from peft_jax.models.inception import InceptionV3
 from peft_jax.models.inception import resize_bilinear as network_resize
@@ -124,6 +124,22 @@ def test_host_and_network_resize_match_torch_bilinear():
                                                mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
         np.testing.assert_allclose(resize_bilinear(image), want, atol=5e-7)
         np.testing.assert_allclose(np.asarray(network_resize(jnp.asarray(image[None])))[0], want, atol=5e-7)
+
+
+def test_image_files_are_read_as_8_bit_rgb(tmp_path):
+    from PIL import Image
+
+    grey = np.arange(40 * 30, dtype=np.uint8).reshape(40, 30)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    image = load_image(tmp_path / "grey.png")
+    assert image.shape == (299, 299, 3) and image.dtype == np.float32
+    np.testing.assert_allclose(image, np.repeat(resize_bilinear(grey[..., None]), 3, axis=-1) / 127.5 - 1, atol=1e-6)
+    Image.fromarray(grey.astype(np.uint16) * 64).save(tmp_path / "deep.png")
+    with pytest.raises(ValueError, match="deep.png: pixels of mode I;16 .* convert the images to 8 bits first"):
+        load_image(tmp_path / "deep.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg: not a readable image"):
+        load_image(tmp_path / "broken.jpg")
 
 
 def test_statistics_round_trip_and_bad_files(tmp_path):

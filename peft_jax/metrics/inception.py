@@ -88,11 +88,19 @@ def image_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
 
 
 def load_image(path: pathlib.Path, size: int = INPUT_SIZE) -> np.ndarray:
-    """One image file as (size, size, 3) float32 in [-1, 1] (grey images repeated over RGB)."""
+    """One 8-bit image file as (size, size, 3) float32 in [-1, 1] (grey images repeated over RGB).
+
+    16-bit and float images (common for X-rays) are refused: PIL's conversion to RGB clips them
+    to 255, which would silently make them white.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            if im.mode in ("I", "F") or im.mode.startswith("I;"):
+                raise ValueError(f"{path}: pixels of mode {im.mode} (more than 8 bits); FID's Inception reads "
+                                 "8-bit RGB, so convert the images to 8 bits first, with the window you would "
+                                 "display them with")
             rgb = np.asarray(im.convert("RGB"), np.float32)
     except OSError as e:  # PIL's UnidentifiedImageError included
         raise ValueError(f"{path}: not a readable image ({e})") from e
