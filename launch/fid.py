@@ -9,8 +9,8 @@ to 299 x 299 as pytorch-fid does. ``--weights`` is the path of ``pt_inception-20
 (or a .safetensors copy) or the registered name, looked up in the cache ($PEFT_JAX_CACHE,
 else ~/.cache/peft_jax) and downloaded there if absent. ``--save_stats`` writes the statistics of REAL.
 Prints ``FID: <value>`` and, as the last line, one JSON object:
-  {"fid": F, "real": REAL, "fake": FAKE, "num_real": N or null, "num_fake": N or null, "weights": W}
-(counts are null for a side given as statistics).
+  {"fid": F, "real": REAL, "fake": FAKE, "num_real": N or null, "num_fake": N or null, "weights": W or null}
+(counts are null for a side given as statistics, weights when both are).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from peft_jax import runtime  # noqa: E402  (sets up the allocator and platform 
 if __name__ == "__main__":
     runtime.setup()
 
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 _WEIGHTS = flags.DEFINE_string("weights", "inception_v3.fid",
@@ -34,7 +35,7 @@ _SAVE_STATS = flags.DEFINE_string("save_stats", None, "Write the statistics (mu,
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar per folder.")
 
 
-def open_source(source: str):
+def open_source(source: str) -> tuple[np.ndarray, np.ndarray] | list[pathlib.Path]:
     """A side of the FID, checked before any image is processed: its (mu, sigma) if a .npz, else its image files."""
     from peft_jax.metrics import load_statistics
     from peft_jax.metrics.inception import image_files
@@ -64,10 +65,10 @@ def main(argv: list[str]) -> None:
     sources = [open_source(a) for a in args]
     if save and isinstance(sources[0], tuple):
         raise ValueError(f"--save_stats needs REAL to be an image folder, not statistics ({args[0]})")
-    features = None
+    features, weights = None, None  # two statistics files need no network
     if any(isinstance(s, list) for s in sources):
-        model = from_pretrained("inception_v3_fid", _WEIGHTS.value)
-        features = inception_features(model, _BATCH_SIZE.value)
+        weights = _WEIGHTS.value
+        features = inception_features(from_pretrained("inception_v3_fid", weights), _BATCH_SIZE.value)
 
     stats, counts = [], []
     for arg, source in zip(args, sources):
@@ -83,12 +84,12 @@ def main(argv: list[str]) -> None:
         save_statistics(save, *stats[0], counts[0])
         print(f"saved the statistics of {counts[0]} images of {args[0]} to {save}", file=sys.stderr)
         if len(args) == 1:
-            print(json.dumps({"saved_stats": save, "real": args[0], "num_real": counts[0], "weights": _WEIGHTS.value}))
+            print(json.dumps({"saved_stats": save, "real": args[0], "num_real": counts[0], "weights": weights}))
             return
     value = frechet_distance(*stats[0], *stats[1])
     print(f"FID: {value:.4f}")
     print(json.dumps({"fid": value, "real": args[0], "fake": args[1], "num_real": counts[0], "num_fake": counts[1],
-                      "weights": _WEIGHTS.value}))
+                      "weights": weights}))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def _weights_file(path: str | pathlib.Path) -> pathlib.Path:
     ckpt = KNOWN_CHECKPOINTS[REGISTERED]
     raise CheckpointError(
         f"{candidate}: no such Inception weights file; download {ckpt.url} and pass its path, "
-        f"or save it as {cache_dir() / ckpt.filename} to use the name {REGISTERED!r}"
+        f"or save it as {cache_dir() / ckpt.filename}, where the name {REGISTERED!r} finds it"
     )
 
 
