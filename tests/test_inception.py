@@ -72,6 +72,18 @@ def test_converter_loads_every_tensor_in_place(random_weights, model):
     assert model.Mixed_7c.branch_pool.bn.use_running_average  # eval mode
 
 
+def test_converter_reads_a_torch_state_dict(random_weights, tmp_path):
+    """The published file's format: a .pth state dict with BatchNorm's num_batches_tracked (dropped on load)."""
+    torch = pytest.importorskip("torch")
+    arrays = random_weights[1]
+    state = {k: torch.from_numpy(a) for k, a in arrays.items()}
+    state.update({k.replace("running_mean", "num_batches_tracked"): torch.tensor(0) for k in arrays
+                  if k.endswith("running_mean")})
+    torch.save(state, tmp_path / "inception.pth")
+    loaded = torch_named(from_pretrained("inception_v3_fid", tmp_path / "inception.pth"))
+    assert all(np.array_equal(loaded[k], a) for k, a in arrays.items())
+
+
 def test_converter_names_missing_unexpected_and_misshaped_keys(random_weights, tmp_path):
     _, arrays = random_weights
     bad = dict(arrays)
