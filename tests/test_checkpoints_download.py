@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peft_jax.checkpoints import KNOWN_CHECKPOINTS, CheckpointError, KnownCheckpoint, cache_dir, fetch, resolve_checkpoint
-from peft_jax.models import MODEL_NAMES, from_pretrained
+from peft_jax.models import FEATURE_ARCHS, MODEL_NAMES, from_pretrained
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -157,7 +157,9 @@ def test_registry_entries_are_well_formed():
     filenames = [c.filename for c in KNOWN_CHECKPOINTS.values()]
     assert len(set(filenames)) == len(filenames)
     for name, c in KNOWN_CHECKPOINTS.items():
-        assert c.arch in MODEL_NAMES and name.startswith(c.arch + ".")
+        assert c.arch in MODEL_NAMES + FEATURE_ARCHS
+        # the FID Inception's entry is named after the network, its arch after the FID variant of it
+        assert name.startswith(c.arch.removesuffix("_fid") + ".")
         assert c.url.startswith("https://") and c.format in ("google_npz", "timm", "torchvision")
         assert c.sha256 is None or re.fullmatch(r"[0-9a-f]{8}|[0-9a-f]{64}", c.sha256)
         if c.format == "torchvision":  # torchvision names its files by their sha256 prefix
