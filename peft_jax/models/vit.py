@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peft_jax.models.precision import mixed_einsum
+
 Dtype = jnp.dtype
 
 
@@ -63,8 +65,19 @@ VIT_VARIANTS: dict[str, dict] = {
 }
 
 
-def _dense(din: int, dout: int, rngs: nnx.Rngs, dtype: Dtype) -> nnx.Linear:
-    return nnx.Linear(
+class Dense(nnx.Linear):
+    """``nnx.Linear`` whose bfloat16 products accumulate in float32, forward and backward
+    (``precision.mixed_einsum``); float32 inputs take the plain path."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.dtype != jnp.bfloat16:
+            return super().__call__(x)
+        y = mixed_einsum("...k,kn->...n", x, self.kernel[...]).astype(x.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+def _dense(din: int, dout: int, rngs: nnx.Rngs, dtype: Dtype) -> Dense:
+    return Dense(
         din, dout, dtype=dtype, rngs=rngs,
         kernel_init=nnx.initializers.xavier_uniform(),
         bias_init=nnx.initializers.normal(1e-6),
@@ -90,9 +103,10 @@ class Attention(nnx.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         # Einsum attention measured faster than jax.nn.dot_product_attention on XLA:CPU.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
+        einsum = mixed_einsum if x.dtype == jnp.bfloat16 else jnp.einsum
+        logits = einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, -1, d)
+        y = einsum("bhqk,bkhd->bqhd", weights, v).astype(x.dtype).reshape(b, -1, d)
         return self.out(y)
 
 
