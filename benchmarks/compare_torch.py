@@ -1,13 +1,16 @@
 """Train-step throughput of peft_jax against PyTorch (transformers + peft), side by side.
 
-    python benchmarks/compare_torch.py                 # all cases, writes BENCHMARKS.md
+    python benchmarks/compare_torch.py                 # every CPU case, writes BENCHMARKS.md
     python benchmarks/compare_torch.py --cases vit_b16_lora_fp32,resnet50_full_fp32 --steps 5
+    python benchmarks/compare_torch.py --device gpu --batch 32 --peak_tflops 989   # benchmarks/gpu_check.sh
 
 Each framework runs in its own worker process (same model configuration, batch, resolution,
 optimizer and thread count); the parent interleaves their timed steps (one JAX step, one
 torch step, ...) so that machine noise hits both alike, and reports medians after warm-up,
-the ratio, peak resident memory, and for JAX the FLOP utilisation against the matmul
-ceiling measured in the same run. The last line printed is one JSON object of speedups.
+the ratio, peak memory (resident set on CPU, device peak on GPU), optimizer-state bytes per
+trainable parameter, and for JAX the FLOP utilisation (XLA's cost analysis of the step) against
+the matmul ceiling measured in the same run. For the ``--glibc_cases`` a third worker runs JAX
+without tcmalloc. The last line printed is one JSON object of speedups.
 """
 from __future__ import annotations
 
@@ -28,16 +31,25 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks_md import write_section  # noqa: E402  (beside this script)
 
-BATCH, SIZE = 8, 224
+SIZE = 224
 # case -> (model, method, dtype)
 CASES = {
     f"{model}_{method}_{dtype}": (model, method, dtype)
     for model, methods, dtypes in (
-        ("vit_b16", ("lora", "full", "linear", "ssf"), ("fp32", "bf16")),
-        ("resnet50", ("full", "ssf", "bn_tune"), ("fp32",)),
+        ("vit_b16", ("lora", "full", "linear", "ssf", "vpt_deep"), ("fp32", "bf16")),
+        ("resnet50", ("full", "ssf", "bn_tune", "lora_conv"), ("fp32",)),
+        ("vit_h14", ("lora",), ("bf16",)),
     )
     for method in methods for dtype in dtypes
 }
+CPU_CASES = [c for c in CASES if not c.startswith("vit_h14")]
+GPU_CASES = ["vit_b16_lora_bf16", "vit_h14_lora_bf16"]
+VIT_DIMS = {"vit_b16": (768, 12, 12, 3072, 16), "vit_h14": (1280, 32, 16, 5120, 14)}  # width, depth, heads, mlp, patch
+
+
+def settings() -> dict:
+    """What the parent passes to its workers (environment, so a worker is one plain command line)."""
+    return {"batch": int(os.environ.get("COMPARE_BATCH", "8")), "device": os.environ.get("COMPARE_DEVICE", "cpu")}
 
 
 # ----------------------------------------------------------------------------- JAX worker
@@ -48,28 +60,32 @@ def jax_worker(model_name: str, method: str, dtype: str):
     import jax.numpy as jnp
     import numpy as np
 
+    from peft_jax import sharding as shd
     from peft_jax.config import base_config
     from peft_jax.train import builder, optim, step as step_lib
-    from peft_jax import sharding as shd
 
+    batch_size, device = settings()["batch"], settings()["device"]
     cfg = base_config()
     cfg.model.name, cfg.model.image_size = model_name, SIZE
+    cfg.model.scan_layers = model_name == "vit_h14"  # one compiled block instead of 32
     cfg.peft.method = method
-    cfg.train.update(num_steps=1000, warmup_steps=10, grad_clip=0.0, weight_decay=0.01)
+    cfg.train.update(num_steps=1000, warmup_steps=10, grad_clip=0.0, weight_decay=0.01, batch_size=batch_size)
     if dtype == "bf16":
         cfg.train.compute_dtype = "bfloat16"
     built = builder.build(cfg, 2)
     split = step_lib.split_model(built.model, built.trainable)
     tx = optim.make_optimizer(cfg.train)
-    mesh = shd.make_mesh(cfg.mesh)
+    mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
     steps = step_lib.compile_steps(split, tx, jax.eval_shape(tx.init, split.trainable), mesh,
                                    min_shard_size=cfg.mesh.min_shard_size, label_smoothing=0.0)
     state = [split.trainable, split.frozen, split.rest, tx.init(split.trainable)]
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32)),
-             "label": jnp.asarray(rng.integers(0, 2, BATCH).astype(np.int32))}
+    batch = {"image": jnp.asarray(rng.normal(size=(batch_size, SIZE, SIZE, 3)).astype(np.float32)),
+             "label": jnp.asarray(rng.integers(0, 2, batch_size).astype(np.int32))}
     compiled = steps.train.lower(*state, batch).compile()
     flops = float(compiled.cost_analysis().get("flops", 0.0))
+    trainable = sum(x.size for x in jax.tree.leaves(state[0]))
+    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[3]))
 
     def one_step():
         t = time.perf_counter()
@@ -78,16 +94,22 @@ def jax_worker(model_name: str, method: str, dtype: str):
         return time.perf_counter() - t
 
     def ceiling(dt):
-        a = jnp.ones((2048, 2048), dt)
+        n = 8192 if device == "gpu" else 2048
+        a = jnp.ones((n, n), dt)
         f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
         f(a, a).block_until_ready()
         t = time.perf_counter()
         for _ in range(10):
             out = f(a, a)
         out.block_until_ready()
-        return 10 * 2 * 2048**3 / (time.perf_counter() - t)
+        return 10 * 2 * n**3 / (time.perf_counter() - t)
 
-    extra = {"flops_per_step": flops, "fp32_ceiling": ceiling(jnp.float32), "bf16_ceiling": ceiling(jnp.bfloat16)}
+    def memory():
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use") if device == "gpu" else None
+
+    extra = {"flops_per_step": flops, "fp32_ceiling": ceiling(jnp.float32), "bf16_ceiling": ceiling(jnp.bfloat16),
+             "opt_bytes_per_param": opt_bytes / trainable, "device_peak_bytes": memory}
     return one_step, extra
 
 
@@ -98,51 +120,90 @@ def torch_worker(model_name: str, method: str, dtype: str):
     import torch
     import transformers
 
+    batch_size, device = settings()["batch"], "cuda" if settings()["device"] == "gpu" else "cpu"
     torch.manual_seed(0)
     if model_name.startswith("vit"):
-        config = transformers.ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                        intermediate_size=3072, image_size=SIZE, patch_size=16, num_labels=2,
+        width, depth, heads, mlp, patch = VIT_DIMS[model_name]
+        config = transformers.ViTConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+                                        intermediate_size=mlp, image_size=SIZE, patch_size=patch, num_labels=2,
                                         layer_norm_eps=1e-6)
         model = transformers.ViTForImageClassification(config)
-        head = "classifier"
     else:
         config = transformers.ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
                                            layer_type="bottleneck", num_labels=2)
         model = transformers.ResNetForImageClassification(config)
-        head = "classifier"
-    if method == "lora":
+    head = "classifier"
+    if method in ("lora", "lora_conv"):
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+        # peft's Conv2d LoRA is ours: a k x k down-projection to rank r and a 1x1 up-projection, on every
+        # convolution inside the residual stages (not the stem).
+        targets = ["q_proj", "v_proj"] if method == "lora" else r".*encoder\.stages.*convolution"
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, target_modules=targets,
                                                            modules_to_save=[head]))
     elif method == "ssf":
         add_torch_ssf(model, torch)
+    elif method == "vpt_deep":
+        add_torch_vpt_deep(model, torch, num_tokens=10)
     for name, p in model.named_parameters():
         if method == "full":
             p.requires_grad_(True)
-        elif method in ("linear", "bn_tune", "ssf"):
+        elif method in ("linear", "bn_tune", "ssf", "vpt_deep"):
             trainable = head in name or (method == "bn_tune" and "normalization" in name) or (
-                method == "ssf" and "ssf_" in name)
+                method == "ssf" and "ssf_" in name) or (method == "vpt_deep" and "vpt_prompts" in name)
             p.requires_grad_(trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    x = torch.randn(BATCH, 3, SIZE, SIZE)
-    y = torch.randint(0, 2, (BATCH,))
+    model = model.to(device)
+    x = torch.randn(batch_size, 3, SIZE, SIZE, device=device)
+    y = torch.randint(0, 2, (batch_size,), device=device)
     if model_name.startswith("resnet"):  # torch's fastest CPU layout for convolutions
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     model.train()
 
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     def one_step():
+        sync()
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
         return time.perf_counter() - t
 
-    return one_step, {}
+    def opt_bytes_per_param():
+        state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in state) / sum(p.numel() for p in params)
+
+    def memory():
+        return torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+    return one_step, {"opt_bytes_per_param": opt_bytes_per_param, "device_peak_bytes": memory}
+
+
+def add_torch_vpt_deep(model, torch, num_tokens: int) -> None:
+    """A minimal VPT-deep for the reference (peft has none for vision): every ViT layer sees its own
+    prompts after the class token; their outputs are dropped before the next layer."""
+    width = model.config.hidden_size
+    for layer in model.vit.layers:
+        layer.vpt_prompts = torch.nn.Parameter(torch.empty(num_tokens, width).uniform_(-0.05, 0.05))
+
+        def insert(mod, args):
+            h = args[0]
+            prompts = mod.vpt_prompts.to(h.dtype).expand(h.shape[0], -1, -1)
+            return (torch.cat([h[:, :1], prompts, h[:, 1:]], dim=1),) + args[1:]
+
+        def remove(mod, args, output):
+            return torch.cat([output[:, :1], output[:, 1 + num_tokens:]], dim=1)
+
+        layer.register_forward_pre_hook(insert)
+        layer.register_forward_hook(remove)
 
 
 def add_torch_ssf(model, torch):
@@ -181,6 +242,7 @@ def worker_main(framework: str, case: str, threads: int) -> None:
             print(json.dumps(one_step()), flush=True)
         else:
             break
+    extra = {k: v() if callable(v) else v for k, v in extra.items()}  # measured after the steps
     extra["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(extra), flush=True)
 
@@ -188,37 +250,43 @@ def worker_main(framework: str, case: str, threads: int) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
-def start(framework: str, case: str, threads: int, tcmalloc: str | None) -> subprocess.Popen:
+def start(worker: str, case: str, threads: int, tcmalloc: str | None) -> subprocess.Popen:
+    """worker: 'jax' (with tcmalloc when installed), 'jax_glibc' or 'torch'."""
     env = dict(os.environ, PEFT_JAX_TCMALLOC="0")
     env.pop("LD_PRELOAD", None)
-    if tcmalloc:
+    if worker == "jax" and tcmalloc:
         env["LD_PRELOAD"] = tcmalloc
+    if settings()["device"] == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
+    framework = "torch" if worker == "torch" else "jax"
     proc = subprocess.Popen([sys.executable, __file__, "--worker", framework, "--case", case, "--threads", str(threads)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if line.strip() != "ready":
-        raise RuntimeError(f"{framework} worker for {case} failed to start: {line!r}")
+        raise RuntimeError(f"{worker} worker for {case} failed to start: {line!r}")
     return proc
 
 
-def measure(case: str, steps: int, warmup: int, threads: int, tcmalloc: str | None) -> dict:
-    workers = {fw: start(fw, case, threads, tcmalloc if fw == "jax" else None) for fw in ("jax", "torch")}
-    times = {fw: [] for fw in workers}
+def measure(case: str, steps: int, warmup: int, threads: int, tcmalloc: str | None, glibc: bool) -> dict:
+    names = ("jax", "torch") + (("jax_glibc",) if glibc and tcmalloc else ())
+    workers = {name: start(name, case, threads, tcmalloc) for name in names}
+    times = {name: [] for name in workers}
     for i in range(warmup + steps):
-        for fw, proc in workers.items():  # interleaved: noise hits both frameworks alike
+        for name, proc in workers.items():  # interleaved: noise hits every worker alike
             proc.stdin.write("step\n")
             proc.stdin.flush()
             seconds = json.loads(proc.stdout.readline())
             if i >= warmup:
-                times[fw].append(seconds)
-    result = {"case": case}
-    for fw, proc in workers.items():
+                times[name].append(seconds)
+    batch = settings()["batch"]
+    result = {"case": case, "batch": batch}
+    for name, proc in workers.items():
         proc.stdin.write("done\n")
         proc.stdin.flush()
         extra = json.loads(proc.stdout.readline())
         proc.wait()
-        median = statistics.median(times[fw])
-        result[fw] = {"median_s": median, "images_per_s": BATCH / median, "times": times[fw], **extra}
+        median = statistics.median(times[name])
+        result[name] = {"median_s": median, "images_per_s": batch / median, "times": times[name], **extra}
     result["speedup"] = result["torch"]["median_s"] / result["jax"]["median_s"]
     j = result["jax"]
     ceiling = j["bf16_ceiling"] if CASES[case][2] == "bf16" else j["fp32_ceiling"]
@@ -226,39 +294,67 @@ def measure(case: str, steps: int, warmup: int, threads: int, tcmalloc: str | No
     return result
 
 
-def write_markdown(results: list[dict], command: str, allocator: str, path: pathlib.Path) -> None:
+def _gb(n: float | None) -> str:
+    return "" if n is None else f"{n / 1e9:.2f}"
+
+
+def write_markdown(results: list[dict], command: str, allocator: str, path: pathlib.Path, peak_tflops: float) -> None:
     import jax
     import torch
     import transformers
 
+    gpu = settings()["device"] == "gpu"
+    where = jax.devices()[0].device_kind if gpu else f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    memory = "device peak GB" if gpu else "peak RSS GB"
     lines = [
-        "## Train step vs PyTorch (`benchmarks/compare_torch.py`)",
+        f"## {'GPU train step' if gpu else 'Train step'} vs PyTorch (`benchmarks/compare_torch.py`)",
         "",
         f"Command: `{command}`  ",
-        f"Date: {datetime.date.today()}; CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores); "
+        f"Date: {datetime.date.today()}; {'GPU' if gpu else 'CPU'}: {where}; "
         f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"JAX allocator: {allocator}; batch {BATCH}, {SIZE} px, AdamW, medians of interleaved steps after warm-up.",
+        f"JAX allocator: {allocator}; batch {results[0]['batch'] if results else ''}, {SIZE} px, AdamW, "
+        "medians of interleaved steps after warm-up.",
         "",
-        "| case | JAX img/s | torch img/s | JAX / torch | JAX peak RSS GB | torch peak RSS GB | JAX FLOP utilisation |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| case | JAX img/s | torch img/s | JAX / torch | JAX {memory} | torch {memory} | "
+        "optimizer B/param JAX / torch | JAX FLOP utilisation | JAX without tcmalloc |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        j, t = r["jax"], r["torch"]
+        mem_j, mem_t = (j["device_peak_bytes"], t["device_peak_bytes"]) if gpu else (j["peak_rss_bytes"],
+                                                                                     t["peak_rss_bytes"])
+        glibc = r.get("jax_glibc")
+        glibc_cell = f"{glibc['images_per_s']:.2f} img/s ({glibc['median_s'] / j['median_s']:.2f}x the step time)" \
+            if glibc else ""
         lines.append(
-            f"| {r['case']} | {r['jax']['images_per_s']:.2f} | {r['torch']['images_per_s']:.2f} | "
-            f"{r['speedup']:.2f}x | {r['jax']['peak_rss_bytes'] / 1e9:.2f} | {r['torch']['peak_rss_bytes'] / 1e9:.2f} | "
-            f"{100 * r['jax_utilisation']:.0f}% |")
+            f"| {r['case']} | {j['images_per_s']:.2f} | {t['images_per_s']:.2f} | {r['speedup']:.2f}x | "
+            f"{_gb(mem_j)} | {_gb(mem_t)} | {j['opt_bytes_per_param']:.2f} / {t['opt_bytes_per_param']:.2f} | "
+            f"{100 * r['jax_utilisation']:.0f}% | {glibc_cell} |")
     if results:
         j = results[0]["jax"]
-        lines += ["", f"Matmul ceilings measured in the same run (2048^3, JAX): fp32 {j['fp32_ceiling'] / 1e9:.0f} "
-                  f"GFLOP/s, bf16 x bf16 -> fp32 {j['bf16_ceiling'] / 1e9:.0f} GFLOP/s."]
-    write_section(path, "## Train step vs PyTorch", "\n".join(lines) + "\n")
+        lines += ["", f"FLOP utilisation = XLA's cost analysis of the compiled step / step time / the matmul ceiling "
+                  f"measured in the same run (JAX, square matmuls): fp32 {j['fp32_ceiling'] / 1e9:.0f} GFLOP/s, "
+                  f"bf16 x bf16 -> fp32 {j['bf16_ceiling'] / 1e9:.0f} GFLOP/s."]
+        if peak_tflops:
+            mfu = ", ".join(f"{r['case']} {100 * r['jax']['flops_per_step'] / r['jax']['median_s'] / (peak_tflops * 1e12):.0f}%"
+                            for r in results)
+            lines += ["", f"MFU against the {peak_tflops:g} TFLOP/s datasheet peak: {mfu}."]
+    heading = "## GPU train step vs PyTorch" if gpu else "## Train step vs PyTorch"
+    write_section(path, heading, "\n".join(lines) + "\n")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--cases", default=None, help="comma-separated (default: every CPU case, or on GPU "
+                        f"{','.join(GPU_CASES)}): " + ", ".join(CASES))
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="datasheet peak for an MFU line (bf16)")
+    parser.add_argument("--glibc_cases", default="vit_b16_lora_fp32,resnet50_full_fp32",
+                        help="cases also timed with JAX on glibc malloc (CPU only)")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--worker", choices=("jax", "torch"))
     parser.add_argument("--case")
@@ -266,21 +362,26 @@ def main() -> None:
     if args.worker:
         worker_main(args.worker, args.case, args.threads)
         return
+    os.environ["COMPARE_BATCH"], os.environ["COMPARE_DEVICE"] = str(args.batch), args.device
     from peft_jax.runtime import find_tcmalloc
 
-    tcmalloc = find_tcmalloc()
-    allocator = f"tcmalloc ({tcmalloc})" if tcmalloc else "glibc malloc (libtcmalloc-minimal4 not installed)"
+    tcmalloc = find_tcmalloc() if args.device == "cpu" else None
+    allocator = f"tcmalloc ({tcmalloc})" if tcmalloc else (
+        "the platform's" if args.device == "gpu" else "glibc malloc (libtcmalloc-minimal4 not installed)")
+    cases = (args.cases or ",".join(GPU_CASES if args.device == "gpu" else CPU_CASES)).split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
+    glibc_cases = set(args.glibc_cases.split(",")) if args.glibc_cases else set()
     results = []
-    for case in args.cases.split(","):
-        if case not in CASES:
-            raise SystemExit(f"unknown case {case!r}; valid: {', '.join(CASES)}")
+    for case in cases:
         print(f"[compare_torch] {case} ...", file=sys.stderr, flush=True)
-        r = measure(case, args.steps, args.warmup, args.threads, tcmalloc)
+        r = measure(case, args.steps, args.warmup, args.threads, tcmalloc, case in glibc_cases)
         print(f"[compare_torch] {case}: JAX {r['jax']['images_per_s']:.2f} img/s, torch "
               f"{r['torch']['images_per_s']:.2f} img/s, {r['speedup']:.2f}x", file=sys.stderr, flush=True)
         results.append(r)
     command = "python benchmarks/compare_torch.py " + " ".join(sys.argv[1:])
-    write_markdown(results, command.strip(), allocator, pathlib.Path(args.out))
+    write_markdown(results, command.strip(), allocator, pathlib.Path(args.out), args.peak_tflops)
     summary = {f"{r['case'].removesuffix('_fp32')}_speedup": round(r["speedup"], 3) for r in results}
     print(json.dumps(summary))
 
