@@ -14,3 +14,13 @@ def write_section(path: pathlib.Path, heading: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def score_row(cells: list[str], runs: list[dict]) -> str:
+    """A table row: ``cells``, then mean ± std over ``runs`` (results.json dicts) of the test macro-F1 and
+    AUROC, then the number of runs."""
+    import statistics
+
+    scores = [[r["test"][k] for r in runs] for k in ("macro_f1", "auroc")]
+    stats = [f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}" for v in scores]
+    return "| " + " | ".join([*cells, *stats, str(len(runs))]) + " |"

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import write_section  # noqa: E402  (beside this script)
+from benchmarks_md import score_row, write_section  # noqa: E402  (beside this script)
 from peft_jax import runtime  # noqa: E402
 
 runtime.setup()
@@ -60,10 +59,7 @@ def main() -> None:
             runs = [loop.train_and_evaluate(config(**{"peft.method": method, "train.bn_stats": bn, "seed": int(s),
                                                       "init.checkpoint": str(root / "pretrain" / "adapter")}),
                                             root / f"{method}_{bn}_{s}") for s in args.seeds.split(",")]
-            f1 = [r["test"]["macro_f1"] for r in runs]
-            auc = [r["test"]["auroc"] for r in runs]
-            rows.append(f"| {method} | {bn} | {statistics.mean(f1):.3f} ± {statistics.pstdev(f1):.3f} | "
-                        f"{statistics.mean(auc):.3f} ± {statistics.pstdev(auc):.3f} | {len(runs)} |")
+            rows.append(score_row([method, bn], runs))
             print(rows[-1], flush=True)
     section = "\n".join([
         HEADING, "",

@@ -28,7 +28,6 @@ import dataclasses
 import io
 import json
 import pathlib
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -254,7 +253,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     nnx.update(unet, state["trainable"])
     unet.eval()
     adapter = workdir / "adapter"
-    shutil.rmtree(adapter / "diffusers", ignore_errors=True)  # save_adapter replaces a folder of files only
     save_adapter(adapter, unet, filt, config=cfg, base_hash=base_hash,
                  extra={"base": str(cfg.init.checkpoint), "dataset": cfg.dataset.name})
     if method_names(cfg.peft) == ["lora"]:

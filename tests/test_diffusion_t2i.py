@@ -136,3 +136,18 @@ def test_killed_run_resumes_with_single_device_losses_on_data_and_fsdp_meshes(ch
     resumed = train_t2i.train(cfg, run)
     assert resumed["num_devices"] == 2 and resumed["steps_run"] == 6
     np.testing.assert_allclose(resumed["losses"], reference["losses"][:6], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["full", "attention", "bias", "norm", "norm_bias", "norm_bias_attention", "svdiff",
+                                    "difffit"])
+def test_every_unet_method_trains_on_the_chest_x_rays(shared_data, tiny_pipeline, tmp_path, method):
+    """Each configs/sd15_<method>.py (LoRA: chest_run above) trains the tiny U-Net with label prompts: the loss falls."""
+    cfg = get_config(method)
+    cfg.init.checkpoint = str(tiny_pipeline)
+    cfg.model.image_size = 32
+    cfg.dataset.update(manual_dir=str(shared_data / "chest_xray" / "train"), max_images=16)
+    cfg.train.update(num_steps=30, batch_size=8, lr=3e-3 if method == "full" else 1e-2, log_every=0,
+                     checkpoint_every=0)
+    losses = np.asarray(train_t2i.train(cfg, tmp_path)["losses"])
+    assert len(losses) == 30 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), (method, losses)

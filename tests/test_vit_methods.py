@@ -262,7 +262,7 @@ def test_adapter_placements_match_a_hand_written_block():
             close(out(x), y + out.adapter(y))
             ref = block_forward(blk, x)
         elif method == "adapter_pfeiffer":
-            assert type(blk.attn.out).__name__ == "Linear" and type(blk.mlp.fc2).__name__ == "SequentialAdapter"
+            assert type(blk.attn.out).__name__ == "Dense" and type(blk.mlp.fc2).__name__ == "SequentialAdapter"
             ref = block_forward(blk, x)
         elif method == "repadapter":
             n1 = blk.norm1.base(x)
@@ -278,8 +278,8 @@ def test_adapter_placements_match_a_hand_written_block():
             ref = h + blk.mlp.base(blk.norm2(h)) + blk.mlp.convpass(blk.norm2(h))
         elif method == "ia3":
             a = blk.attn
-            assert [type(m).__name__ for m in (a.query, a.key, a.value, a.out)] == ["Linear", "ChannelScale",
-                                                                                     "ChannelScale", "Linear"]
+            assert [type(m).__name__ for m in (a.query, a.key, a.value, a.out)] == ["Dense", "ChannelScale",
+                                                                                     "ChannelScale", "Dense"]
             assert blk.mlp.fc2.side == "in" and a.key.side == "out"
             ref = block_forward(blk, x)
         else:  # difffit: scales on the attention and MLP branch outputs

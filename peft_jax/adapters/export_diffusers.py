@@ -18,20 +18,9 @@ from safetensors.numpy import save_file
 
 from peft_jax.adapters.core import iter_wrapped, method_names, path_str
 from peft_jax.adapters.lora import LoRALinear
-from peft_jax.checkpoints.diffusers import _RENAMES
+from peft_jax.checkpoints.diffusers import checkpoint_module_name
 
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
-
-
-def diffusers_module_name(path: tuple) -> str:
-    """('mid_block', 'attentions', 0, ..., 'attn1', 'to_out') -> 'mid_block.attentions.0....attn1.to_out.0'.
-
-    The inverse of the checkpoint renames that loading a diffusers U-Net applies.
-    """
-    name = "." + ".".join(str(p) for p in path) + "."
-    for checkpoint_name, module_name in reversed(_RENAMES["unet2d_condition"]):
-        name = name.replace(module_name, checkpoint_name)
-    return name.strip(".")
 
 
 def export_lora_diffusers(unet: nnx.Module, peft_config: ml_collections.ConfigDict,
@@ -43,7 +32,7 @@ def export_lora_diffusers(unet: nnx.Module, peft_config: ml_collections.ConfigDi
     for path, wrapper in iter_wrapped(unet, LoRALinear):
         if "base" in path:
             raise ValueError(f"export_diffusers: the LoRA layer at {path_str(path)} is nested in another wrapper")
-        prefix = f"unet.{diffusers_module_name(path)}"
+        prefix = f"unet.{checkpoint_module_name(path)}"
         a = np.asarray(wrapper.lora_a[...], np.float32)
         b = np.asarray(wrapper.lora_b[...], np.float32) * np.float32(wrapper.scaling)
         arrays[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.T)

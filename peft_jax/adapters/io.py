@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import shutil
 
 import jax
 import ml_collections
@@ -39,7 +40,8 @@ def save_adapter(directory: str | pathlib.Path, model: nnx.Module, trainable: Fi
     """Writes the adapter folder atomically (a temp folder renamed into place)."""
     directory = pathlib.Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+    tmp.mkdir(parents=True)
     arrays = {"params/" + k: v for k, v in flat_arrays(nnx.state(model, trainable)).items()}
     arrays.update({"state/" + k: v for k, v in flat_arrays(nnx.state(model, nnx.BatchStat)).items()})
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / ADAPTER_FILE))
@@ -51,10 +53,7 @@ def save_adapter(directory: str | pathlib.Path, model: nnx.Module, trainable: Fi
         **(extra or {}),
     }
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if directory.exists():
-        for f in directory.iterdir():
-            f.unlink()
-        directory.rmdir()
+    shutil.rmtree(directory, ignore_errors=True)  # with anything written beside the adapter (e.g. exports)
     tmp.rename(directory)
     return directory
 

@@ -120,6 +120,15 @@ _RENAMES = {
 _DROPPED = ("embeddings.position_ids", "text_projection.weight", "logit_scale")
 
 
+def checkpoint_module_name(path: tuple, arch: str = "unet2d_condition") -> str:
+    """The dotted name diffusers gives the module at our ``path`` (the load-time renames, inverted):
+    ('mid_block', 'attentions', 0, ..., 'attn1', 'to_out') -> 'mid_block.attentions.0....attn1.to_out.0'."""
+    name = "." + ".".join(str(p) for p in path) + "."
+    for checkpoint_name, module_name in reversed(_RENAMES[arch]):
+        name = name.replace(module_name, checkpoint_name)
+    return name.strip(".")
+
+
 def _target(key: str, ndim: int, arch: str) -> tuple[tuple, str]:
     """(model path, how to convert) for one checkpoint key."""
     name = "." + key.removeprefix("text_model.") + "."

@@ -14,7 +14,7 @@ from peft_jax.checkpoints import vit as vit_ckpt
 from peft_jax.checkpoints.core import CheckpointError, KeyMapper, build, check_fit, decide_head, expected_shapes
 from peft_jax.checkpoints.formats import LAYOUTS, Checkpoint, read_checkpoint
 from peft_jax.checkpoints.registry import resolve_checkpoint
-from peft_jax.models import MODEL_NAMES, RESNET_NAMES, unknown_name_error, vit_config
+from peft_jax.models import DIFFUSION_ARCHS, FEATURE_ARCHS, MODEL_NAMES, RESNET_NAMES, unknown_name_error, vit_config
 from peft_jax.models.resnet import ResNet
 from peft_jax.models.vit import VIT_VARIANTS, ViT, resize_pos_embed
 
@@ -110,7 +110,7 @@ def from_pretrained(
     ``remat``, ``dtype``). The model is returned in eval mode.
     """
     if arch not in MODEL_NAMES:
-        raise unknown_name_error("model", arch, MODEL_NAMES)
+        raise unknown_name_error("model", arch, MODEL_NAMES + DIFFUSION_ARCHS + FEATURE_ARCHS)
     ckpt = read_checkpoint(resolve_checkpoint(path, arch=arch))
     family = "resnet" if arch in RESNET_NAMES else "vit"
     if LAYOUTS[ckpt.layout][0] != family:
