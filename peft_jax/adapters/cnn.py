@@ -13,6 +13,7 @@ from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 
 from peft_jax.adapters.core import AdapterParam, Path, iter_wrapped, modules_matching, path_str, replace_module
+from peft_jax.models.resnet import pointwise_conv
 
 # Convolutions inside the residual blocks (layer1..4), not the stem.
 BLOCK_CONVS = r"^layer\d+/\d+/"
@@ -55,6 +56,8 @@ class Geometry:
 
     def conv(self, x: jax.Array, kernel: jax.Array, *, groups: int = 1) -> jax.Array:
         """Convolves NHWC ``x`` with an HWIO ``kernel`` like the base convolution."""
+        if kernel.shape[:2] == (1, 1) and groups == 1 and self.padding in (((0, 0), (0, 0)), "VALID"):
+            return pointwise_conv(x, kernel, self.strides)
         return jax.lax.conv_general_dilated(
             x, kernel.astype(x.dtype), self.strides, self.padding, rhs_dilation=self.dilation,
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)

@@ -27,20 +27,26 @@ BOTTLENECK_EXPANSION = 4
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class Conv(nnx.Conv):
-    """``nnx.Conv`` that runs a 1x1 convolution as a matrix product (after striding).
+def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+    """An unpadded 1x1 convolution (HWIO kernel) as a matrix product after striding.
 
     XLA:CPU's matrix products are much faster than its convolutions, above all in the
-    backward pass: ResNet-50 full fine-tuning measured 1.34x faster (BENCHMARKS.md). Same
-    parameters, same result; larger kernels keep the convolution.
+    backward pass: ResNet-50 full fine-tuning measured 1.34x faster (BENCHMARKS.md).
     """
+    sh, sw = strides
+    return x[:, ::sh, ::sw, :] @ kernel[0, 0].astype(x.dtype)
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` that runs its unpadded 1x1 convolutions through ``pointwise_conv``: same
+    parameters, same result; larger kernels keep the convolution."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kernel_size != (1, 1) or self.feature_group_count != 1 or self.input_dilation not in (1, None) \
                 or self.kernel_dilation not in (1, None) or self.padding not in (((0, 0), (0, 0)), "VALID"):
             return super().__call__(x)
-        sh, sw = self.strides if isinstance(self.strides, tuple) else (self.strides, self.strides)
-        y = x[:, ::sh, ::sw, :] @ self.kernel[...][0, 0].astype(x.dtype)
+        strides = self.strides if isinstance(self.strides, tuple) else (self.strides, self.strides)
+        y = pointwise_conv(x, self.kernel[...], strides)
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 
