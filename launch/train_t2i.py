@@ -55,10 +55,10 @@ from peft_jax.adapters import apply_peft, method_names, param_report, trainable_
 from peft_jax.adapters.export_diffusers import export_lora_diffusers  # noqa: E402
 from peft_jax.adapters.io import save_adapter, state_hash  # noqa: E402
 from peft_jax.checkpoints.diffusers import StableDiffusion, load_pipeline  # noqa: E402
+from peft_jax.metrics.inception import IMAGE_SUFFIXES  # noqa: E402
 from peft_jax.models.diffusion import schedulers  # noqa: E402
 from peft_jax.train import loop, optim  # noqa: E402
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 REPORT_DATASETS = ("iu_xray", "mimic_cxr")
 PROMPT_FIELDS = ("impression", "findings", "both")
 IMAGE_CHUNK, TEXT_CHUNK = 8, 16  # fixed encoder batch sizes (the last chunk is padded): one compilation each
