@@ -31,7 +31,7 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) ->
     """An unpadded 1x1 convolution (HWIO kernel) as a matrix product after striding.
 
     XLA:CPU's matrix products are much faster than its convolutions, above all in the
-    backward pass: ResNet-50 full fine-tuning measured 1.34x faster (BENCHMARKS.md).
+    backward pass: ResNet-50 full fine-tuning measured 1.32x faster (benchmarks/resnet_variants.py).
     """
     sh, sw = strides
     return x[:, ::sh, ::sw, :] @ kernel[0, 0].astype(x.dtype)
