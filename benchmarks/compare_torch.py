@@ -55,7 +55,9 @@ def settings() -> dict:
 # ----------------------------------------------------------------------------- JAX worker
 
 
-def jax_worker(model_name: str, method: str, dtype: str):
+def jax_step(model_name: str, method: str, dtype: str):
+    """(one_step, compiled, state): a callable that runs one train step and returns its seconds, the
+    compiled step (for its cost analysis and its HLO) and the step's state [trainable, frozen, rest, opt]."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -64,7 +66,7 @@ def jax_worker(model_name: str, method: str, dtype: str):
     from peft_jax.config import base_config
     from peft_jax.train import builder, optim, step as step_lib
 
-    batch_size, device = settings()["batch"], settings()["device"]
+    batch_size = settings()["batch"]
     cfg = base_config()
     cfg.model.name, cfg.model.image_size = model_name, SIZE
     cfg.model.scan_layers = model_name == "vit_h14"  # one compiled block instead of 32
@@ -83,15 +85,25 @@ def jax_worker(model_name: str, method: str, dtype: str):
     batch = {"image": jnp.asarray(rng.normal(size=(batch_size, SIZE, SIZE, 3)).astype(np.float32)),
              "label": jnp.asarray(rng.integers(0, 2, batch_size).astype(np.int32))}
     compiled = steps.train.lower(*state, batch).compile()
-    flops = float(compiled.cost_analysis().get("flops", 0.0))
-    trainable = sum(x.size for x in jax.tree.leaves(state[0]))
-    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[3]))
 
     def one_step():
         t = time.perf_counter()
-        state[0], state[2], state[3], m = steps.train(state[0], state[1], state[2], state[3], batch)
+        state[0], state[2], state[3], m = compiled(state[0], state[1], state[2], state[3], batch)
         jax.block_until_ready(m["loss"])
         return time.perf_counter() - t
+
+    return one_step, compiled, state
+
+
+def jax_worker(model_name: str, method: str, dtype: str):
+    import jax
+    import jax.numpy as jnp
+
+    device = settings()["device"]
+    one_step, compiled, state = jax_step(model_name, method, dtype)
+    flops = float(compiled.cost_analysis().get("flops", 0.0))
+    trainable = sum(x.size for x in jax.tree.leaves(state[0]))
+    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[3]))
 
     def ceiling(dt):
         n = 8192 if device == "gpu" else 2048
@@ -226,6 +238,27 @@ def add_torch_ssf(model, torch):
         module.register_forward_hook(hook)
 
 
+PEAK_WAS_RESET = []
+
+
+def reset_peak_rss() -> None:
+    """Linux: restarts the resident-set high-water mark (VmHWM) of this process."""
+    try:
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+        PEAK_WAS_RESET.append(True)
+    except OSError:
+        pass
+
+
+def peak_rss_since_reset() -> int | None:
+    """VmHWM in bytes since ``reset_peak_rss`` (None where it could not be reset)."""
+    if not PEAK_WAS_RESET:
+        return None
+    status = pathlib.Path("/proc/self/status").read_text()
+    kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(kb) * 1024
+
+
 def worker_main(framework: str, case: str, threads: int) -> None:
     """Line protocol on stdin/stdout: 'step' -> seconds; 'done' -> final JSON."""
     model, method, dtype = CASES[case]
@@ -240,10 +273,14 @@ def worker_main(framework: str, case: str, threads: int) -> None:
     for line in sys.stdin:
         if line.strip() == "step":
             print(json.dumps(one_step()), flush=True)
+        elif line.strip() == "reset_peak":  # after warm-up: the step's own peak, not compilation's
+            reset_peak_rss()
+            print(json.dumps(None), flush=True)
         else:
             break
     extra = {k: v() if callable(v) else v for k, v in extra.items()}  # measured after the steps
     extra["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    extra["step_peak_rss_bytes"] = peak_rss_since_reset()
     print(json.dumps(extra), flush=True)
 
 
@@ -272,6 +309,11 @@ def measure(case: str, steps: int, warmup: int, threads: int, tcmalloc: str | No
     workers = {name: start(name, case, threads, tcmalloc) for name in names}
     times = {name: [] for name in workers}
     for i in range(warmup + steps):
+        if i == warmup:
+            for proc in workers.values():
+                proc.stdin.write("reset_peak\n")
+                proc.stdin.flush()
+                proc.stdout.readline()
         for name, proc in workers.items():  # interleaved: noise hits every worker alike
             proc.stdin.write("step\n")
             proc.stdin.flush()
@@ -316,8 +358,9 @@ def write_markdown(results: list[dict], command: str, allocator: str, path: path
         "medians of interleaved steps after warm-up.",
         "",
         f"| case | JAX img/s | torch img/s | JAX / torch | JAX {memory} | torch {memory} | "
-        "optimizer B/param JAX / torch | JAX FLOP utilisation | JAX without tcmalloc |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        + ("" if gpu else "peak RSS GB in the timed steps, JAX / torch | ")
+        + "optimizer B/param JAX / torch | JAX FLOP utilisation | JAX without tcmalloc |",
+        "|---|---:|---:|---:|---:|---:|" + ("" if gpu else "---:|") + "---:|---:|---:|",
     ]
     for r in results:
         j, t = r["jax"], r["torch"]
@@ -328,7 +371,9 @@ def write_markdown(results: list[dict], command: str, allocator: str, path: path
             if glibc else ""
         lines.append(
             f"| {r['case']} | {j['images_per_s']:.2f} | {t['images_per_s']:.2f} | {r['speedup']:.2f}x | "
-            f"{_gb(mem_j)} | {_gb(mem_t)} | {j['opt_bytes_per_param']:.2f} / {t['opt_bytes_per_param']:.2f} | "
+            f"{_gb(mem_j)} | {_gb(mem_t)} | "
+            + ("" if gpu else f"{_gb(j['step_peak_rss_bytes'])} / {_gb(t['step_peak_rss_bytes'])} | ")
+            + f"{j['opt_bytes_per_param']:.2f} / {t['opt_bytes_per_param']:.2f} | "
             f"{100 * r['jax_utilisation']:.0f}% | {glibc_cell} |")
     if results:
         j = results[0]["jax"]

@@ -5,7 +5,9 @@
 One process, every variant compiled first, then timed interleaved (medians over rounds), full
 fine-tuning with AdamW at 224 px. Variants:
 - ``xla_conv``: every convolution through XLA's convolution (peft_jax before 1x1s became products);
-- ``pointwise``: what peft_jax runs (``models.resnet.Conv``: unpadded 1x1 convolutions as products);
+- ``pointwise_autodiff``: unpadded 1x1 convolutions as products, differentiated by plain autodiff;
+- ``pointwise``: what peft_jax runs (``models.resnet.Conv``: the same products, whose kernel gradient
+  reads its input through an optimization barrier, ``resnet.channel_product``);
 - ``pointwise_im2col``: also the 3x3 convolutions as one product over gathered patches (im2col);
 - ``pointwise_eval_bn``: ``pointwise`` with BatchNorm on running statistics, which prices the batch
   statistics that training computes.
@@ -30,7 +32,7 @@ from peft_jax import runtime  # noqa: E402
 runtime.setup()
 
 HEADING = "## ResNet-50 step variants on XLA:CPU (`benchmarks/resnet_variants.py`)"
-VARIANTS = ("xla_conv", "pointwise", "pointwise_im2col", "pointwise_eval_bn")
+VARIANTS = ("xla_conv", "pointwise_autodiff", "pointwise", "pointwise_im2col", "pointwise_eval_bn")
 
 
 def im2col_call(self, x):
@@ -88,11 +90,15 @@ def compiled_step(variant: str, batch: int):
 
     calls = {"xla_conv": nnx.Conv.__call__, "pointwise_im2col": im2col_call}
     resnet.Conv.__call__ = calls.get(variant, ORIGINAL_CALL)
+    product = resnet.channel_product
+    if variant == "pointwise_autodiff":
+        resnet.channel_product = jax.numpy.matmul
     try:
         args = (params, rest, tx.init(params))
         jax.block_until_ready(step(*args))  # trace and compile with this variant
     finally:
         resnet.Conv.__call__ = ORIGINAL_CALL
+        resnet.channel_product = product
     return step, args
 
 

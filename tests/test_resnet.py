@@ -126,3 +126,26 @@ def test_stride2_convolution_padding_matches_torch():
         torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w.transpose(3, 2, 0, 1).copy()), stride=2, padding=3
     )
     np.testing.assert_allclose(model.conv1(jnp.asarray(x)), ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_convolution_and_its_gradients_match_torch(stride):
+    """1x1 convolutions run as products with their own backward pass (``channel_product``)."""
+    from peft_jax.models.resnet import pointwise_conv
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 7, 7, 5)).astype(np.float32)
+    w = rng.standard_normal((1, 1, 5, 3)).astype(np.float32)
+    probe = rng.standard_normal((2, 4 if stride == 2 else 7, 4 if stride == 2 else 7, 3)).astype(np.float32)
+
+    def loss(x, w):
+        return (jnp.tanh(pointwise_conv(x, w, (stride, stride))) * probe).sum()
+
+    value, (gx, gw) = jax.value_and_grad(loss, (0, 1))(jnp.asarray(x), jnp.asarray(w))
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    tw = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
+    ref = (torch.tanh(torch.nn.functional.conv2d(tx, tw, stride=stride)) * torch.from_numpy(probe).permute(0, 3, 1, 2)).sum()
+    ref.backward()
+    np.testing.assert_allclose(value, ref.item(), rtol=1e-5)
+    np.testing.assert_allclose(gx, tx.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw, tw.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-5, atol=1e-5)
