@@ -102,6 +102,7 @@ def jax_worker(model_name: str, method: str, dtype: str):
     device = settings()["device"]
     one_step, compiled, state = jax_step(model_name, method, dtype)
     flops = float(compiled.cost_analysis().get("flops", 0.0))
+    temp_bytes = compiled.memory_analysis().temp_size_in_bytes  # XLA's scratch buffer for the step
     trainable = sum(x.size for x in jax.tree.leaves(state[0]))
     opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[3]))
 
@@ -121,7 +122,7 @@ def jax_worker(model_name: str, method: str, dtype: str):
         return stats.get("peak_bytes_in_use") if device == "gpu" else None
 
     extra = {"flops_per_step": flops, "fp32_ceiling": ceiling(jnp.float32), "bf16_ceiling": ceiling(jnp.bfloat16),
-             "opt_bytes_per_param": opt_bytes / trainable, "device_peak_bytes": memory}
+             "opt_bytes_per_param": opt_bytes / trainable, "device_peak_bytes": memory, "xla_temp_bytes": temp_bytes}
     return one_step, extra
 
 
@@ -358,9 +359,9 @@ def write_markdown(results: list[dict], command: str, allocator: str, path: path
         "medians of interleaved steps after warm-up.",
         "",
         f"| case | JAX img/s | torch img/s | JAX / torch | JAX {memory} | torch {memory} | "
-        + ("" if gpu else "peak RSS GB in the timed steps, JAX / torch | ")
+        + ("" if gpu else "peak RSS GB in the timed steps, JAX / torch | JAX scratch GB | ")
         + "optimizer B/param JAX / torch | JAX FLOP utilisation | JAX without tcmalloc |",
-        "|---|---:|---:|---:|---:|---:|" + ("" if gpu else "---:|") + "---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|" + ("" if gpu else "---:|---:|") + "---:|---:|---:|",
     ]
     for r in results:
         j, t = r["jax"], r["torch"]
@@ -372,14 +373,16 @@ def write_markdown(results: list[dict], command: str, allocator: str, path: path
         lines.append(
             f"| {r['case']} | {j['images_per_s']:.2f} | {t['images_per_s']:.2f} | {r['speedup']:.2f}x | "
             f"{_gb(mem_j)} | {_gb(mem_t)} | "
-            + ("" if gpu else f"{_gb(j['step_peak_rss_bytes'])} / {_gb(t['step_peak_rss_bytes'])} | ")
+            + ("" if gpu else f"{_gb(j['step_peak_rss_bytes'])} / {_gb(t['step_peak_rss_bytes'])} | "
+                              f"{_gb(j['xla_temp_bytes'])} | ")
             + f"{j['opt_bytes_per_param']:.2f} / {t['opt_bytes_per_param']:.2f} | "
             f"{100 * r['jax_utilisation']:.0f}% | {glibc_cell} |")
     if results:
         j = results[0]["jax"]
         lines += ["", f"FLOP utilisation = XLA's cost analysis of the compiled step / step time / the matmul ceiling "
                   f"measured in the same run (JAX, square matmuls): fp32 {j['fp32_ceiling'] / 1e9:.0f} GFLOP/s, "
-                  f"bf16 x bf16 -> fp32 {j['bf16_ceiling'] / 1e9:.0f} GFLOP/s."]
+                  f"bf16 x bf16 -> fp32 {j['bf16_ceiling'] / 1e9:.0f} GFLOP/s. JAX scratch = the temporary buffer "
+                  "XLA assigns to the compiled step (`memory_analysis().temp_size_in_bytes`)."]
         if peak_tflops:
             mfu = ", ".join(f"{r['case']} {100 * r['jax']['flops_per_step'] / r['jax']['median_s'] / (peak_tflops * 1e12):.0f}%"
                             for r in results)
