@@ -55,6 +55,7 @@ from peft_jax.adapters import apply_peft, method_names, param_report, trainable_
 from peft_jax.adapters.export_diffusers import export_lora_diffusers  # noqa: E402
 from peft_jax.adapters.io import save_adapter, state_hash  # noqa: E402
 from peft_jax.checkpoints.diffusers import StableDiffusion, load_pipeline  # noqa: E402
+from peft_jax.data.images import require_8bit  # noqa: E402
 from peft_jax.metrics.inception import IMAGE_SUFFIXES  # noqa: E402
 from peft_jax.models.diffusion import schedulers  # noqa: E402
 from peft_jax.train import loop, optim  # noqa: E402
@@ -74,6 +75,7 @@ class Examples:
 
 def load_image(source: str | pathlib.Path | io.BytesIO, size: int) -> np.ndarray:
     with Image.open(source) as image:
+        require_8bit(image, source)
         rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
     return np.asarray(rgb, np.float32) / 127.5 - 1.0
 
@@ -238,17 +240,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         cfg.train.batch_size, drop_remainder=True)
     losses, every = list(meta["losses"]), cfg.train.checkpoint_every
     start = time.time()
-    for step in range(int(meta["step"]), cfg.train.num_steps):
-        idx = np.asarray(order[step])
-        batch = {"latents": cache.latents[idx], "context": cache.embeddings[cache.prompt_ids[idx]]}
-        state["trainable"], state["opt_state"], state["rng"], loss = step_fn(
-            state["trainable"], frozen, state["opt_state"], state["rng"], batch)
-        losses.append(float(loss))
-        done = step + 1
-        if cfg.train.log_every and done % cfg.train.log_every == 0:
-            print(f"step {done}: loss {np.mean(losses[-cfg.train.log_every:]):.4f}", flush=True)
-        if (every and done % every == 0) or done == cfg.train.num_steps:
-            loop.Checkpoints.save(manager, done, state, {"step": done, "losses": losses})
+    stop, restore_sigterm = loop.catch_sigterm()
+    try:
+        for step in range(int(meta["step"]), cfg.train.num_steps):
+            idx = np.asarray(order[step])
+            batch = {"latents": cache.latents[idx], "context": cache.embeddings[cache.prompt_ids[idx]]}
+            state["trainable"], state["opt_state"], state["rng"], loss = step_fn(
+                state["trainable"], frozen, state["opt_state"], state["rng"], batch)
+            losses.append(float(loss))
+            done = step + 1
+            if cfg.train.log_every and done % cfg.train.log_every == 0:
+                print(f"step {done}: loss {np.mean(losses[-cfg.train.log_every:]):.4f}", flush=True)
+            if (every and done % every == 0) or done == cfg.train.num_steps or stop["signal"]:
+                loop.Checkpoints.save(manager, done, state, {"step": done, "losses": losses})
+            if stop["signal"]:
+                raise loop.Preempted(f"[preempted] SIGTERM at step {done}: saved {workdir / 'checkpoints' / 'latest'}; "
+                                     "rerun the same command to continue")
+    finally:
+        restore_sigterm()
 
     nnx.update(unet, state["trainable"])
     unet.eval()
@@ -273,7 +282,11 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"unexpected arguments: {argv[1:]}")
     from absl import flags
 
-    results = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        results = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    except loop.Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM: schedulers requeue; rerunning continues from the saved step
     print(json.dumps({k: v for k, v in results.items() if k != "losses"}))
 
 

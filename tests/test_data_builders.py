@@ -269,3 +269,15 @@ def test_iu_xray_real_reports_generated_images(shared_data, tmp_path):
     findings = record["findings"].decode() if isinstance(record["findings"], bytes) else record["findings"]
     assert findings == reports[uid]["findings"]
     assert ds.train.images[0].shape == (24, 32, 1) and ds.train.subgroups == {}
+
+
+def test_16_bit_images_are_refused_not_clipped():
+    """PIL would clip 16-bit pixels at 255 when converting to 8 bits: a white X-ray, silently."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray((np.arange(64 * 64, dtype=np.uint16) * 16).reshape(64, 64)).save(out, format="PNG")
+    with pytest.raises(ValueError, match="pixels of mode I;16 .* convert the images to 8 bits first"):
+        common.encode_image(out.getvalue(), max_side=32, channels=1)

@@ -138,6 +138,39 @@ def test_killed_run_resumes_with_single_device_losses_on_data_and_fsdp_meshes(ch
     np.testing.assert_allclose(resumed["losses"], reference["losses"][:6], rtol=0, atol=1e-5)
 
 
+def test_sigterm_saves_the_current_step_and_the_rerun_continues(chest_run, monkeypatch):
+    import os
+    import signal
+
+    reference_cfg, workdir, reference = chest_run
+    cfg = ml_collections.ConfigDict(reference_cfg.to_dict())
+    cfg.train.update(num_steps=6, checkpoint_every=0)  # no periodic checkpoints: only the preemption saves
+    run = workdir.parent / "sigterm_run"
+    step_fn = train_t2i.make_train_step
+    calls = []
+
+    def signalling(*args, **kwargs):
+        step = step_fn(*args, **kwargs)
+
+        def wrapped(*a):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 3
+            return step(*a)
+        return wrapped
+
+    monkeypatch.setattr(train_t2i, "make_train_step", signalling)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(loop.Preempted, match="SIGTERM at step 3"):
+        train_t2i.train(cfg, run)
+    monkeypatch.undo()
+    assert loop.checkpoint_manager(run / "checkpoints" / "latest").latest_step() == 3
+    assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
+    resumed = train_t2i.train(cfg, run)
+    assert resumed["steps_run"] == 6
+    np.testing.assert_allclose(resumed["losses"], reference["losses"][:6], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["full", "attention", "bias", "norm", "norm_bias", "norm_bias_attention", "svdiff",
                                     "difffit"])
 def test_every_unet_method_trains_on_the_chest_x_rays(shared_data, tiny_pipeline, tmp_path, method):
@@ -151,3 +184,11 @@ def test_every_unet_method_trains_on_the_chest_x_rays(shared_data, tiny_pipeline
     losses = np.asarray(train_t2i.train(cfg, tmp_path)["losses"])
     assert len(losses) == 30 and np.all(np.isfinite(losses))
     assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), (method, losses)
+
+
+def test_16_bit_training_images_are_refused(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16), 4000, np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(ValueError, match="deep.png: pixels of mode I;16"):
+        train_t2i.load_image(tmp_path / "deep.png", 8)

@@ -97,12 +97,11 @@ def load_image(path: pathlib.Path, size: int = INPUT_SIZE) -> np.ndarray:
     """
     from PIL import Image
 
+    from peft_jax.data.images import require_8bit
+
     try:
         with Image.open(path) as im:
-            if im.mode in ("I", "F") or im.mode.startswith("I;"):
-                raise ValueError(f"{path}: pixels of mode {im.mode} (more than 8 bits); FID's Inception reads "
-                                 "8-bit RGB, so convert the images to 8 bits first, with the window you would "
-                                 "display them with")
+            require_8bit(im, path)  # FID's Inception reads 8-bit RGB
             rgb = np.asarray(im.convert("RGB"), np.float32)
     except OSError as e:  # PIL's UnidentifiedImageError included
         raise ValueError(f"{path}: not a readable image ({e})") from e

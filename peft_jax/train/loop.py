@@ -84,6 +84,17 @@ class Preempted(Exception):
     """SIGTERM arrived; the latest state was saved."""
 
 
+def catch_sigterm() -> tuple[dict, Callable[[], None]]:
+    """(stop, restore): ``stop["signal"]`` is set when SIGTERM arrives (handled in the main thread
+    only), so a loop can save at the end of its current step and raise ``Preempted``;
+    ``restore()`` puts the previous handler back."""
+    stop = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        return stop, lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    return stop, lambda: signal.signal(signal.SIGTERM, previous)
+
+
 class StopTrial(Exception):
     """Raised by an ``on_eval`` hook (e.g. a pruned hyper-parameter trial) to end the run after a saved evaluation."""
 
@@ -220,9 +231,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
             meta["skipped_nonfinite"] += 1
         return m
 
-    stop = {"signal": None}
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)) \
-        if threading.current_thread() is threading.main_thread() else None
+    stop, restore_sigterm = catch_sigterm()
     step = start
     pending = None  # the previous step's metrics, checked one step late so the host never stalls the device
     try:
@@ -277,8 +286,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
             writer.close()
         raise
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        restore_sigterm()
         if log:
             log.close()
     bar.close()

@@ -19,6 +19,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from peft_jax.data.images import require_8bit
+
 MAX_SIDE = 512
 SPLIT_SEED = 20240501  # Fixed: splits must not change with the experiment's seed.
 
@@ -129,6 +131,7 @@ def encode_image(data: bytes, max_side: int, channels: int) -> bytes:
     """
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # Decodes fully: truncated or corrupt files fail here, not during training.
+        require_8bit(image, "the image")
         source_format = image.format
         if min(image.size) <= max_side and source_format in ("PNG", "JPEG") and _channels_ok(image, channels):
             return data
