@@ -74,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.bn_stats = "update"  # ResNet BatchNorm running statistics: "update" or "frozen"
     c.train.progress = True
     c.train.compute_dtype = "float32"  # "bfloat16": bf16 activations and matmuls (ViT); parameters stay float32
+    # ViT product operands (None: compute_dtype). "bfloat16" with float32 activations: bf16 products
+    # accumulating in float32, everything else float32 (the faster bf16 mode on CPUs).
+    c.train.matmul_dtype = ml_collections.config_dict.placeholder(str)
     c.train.skip_nonfinite = False  # True: skip (and count) updates whose loss or gradient is NaN/Inf
 
     # Multi-process runs (one process per host): None takes JAX's own detection (SLURM, TPU pods,

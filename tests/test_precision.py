@@ -11,7 +11,7 @@ from flax import nnx
 from peft_jax.config import base_config
 from peft_jax.models import create_model
 from peft_jax.models.precision import mixed_einsum
-from peft_jax.train import loop
+from peft_jax.train import builder, loop
 
 
 @pytest.mark.parametrize("spec,shape_a,shape_b", [
@@ -43,11 +43,13 @@ def test_mixed_einsum_matches_float32_in_value_and_gradients(spec, shape_a, shap
         assert float(jnp.abs(g.astype(jnp.float32) - ref).max()) < 2e-2 * scale  # one bf16 rounding of the cotangent
 
 
-def test_bfloat16_vit_agrees_with_float32():
-    """The same weights in both dtypes; logits agree to bf16 precision; parameters stay float32."""
+@pytest.mark.parametrize("dtypes", [dict(dtype="bfloat16"), dict(matmul_dtype="bfloat16")])
+def test_bfloat16_vit_agrees_with_float32(dtypes):
+    """The same weights in float32 and with bf16 activations and products, or bf16 products on
+    float32 activations; logits agree to bf16 precision; parameters stay float32."""
     kw = dict(num_classes=3, image_size=32, patch_size=8, depth=2, rngs=nnx.Rngs(0))
     f32 = create_model("vit_ti16", **kw)
-    bf16 = create_model("vit_ti16", dtype="bfloat16", **kw)
+    bf16 = create_model("vit_ti16", **dtypes, **kw)
     f32.head.kernel[...] = jax.random.normal(jax.random.key(3), f32.head.kernel.shape) * 0.1
     nnx.update(bf16, nnx.state(f32))
     assert {v.dtype for v in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype(jnp.float32)}
@@ -55,9 +57,25 @@ def test_bfloat16_vit_agrees_with_float32():
     want = f32(x)
     got = nnx.jit(lambda m, x: m(x))(bf16, x)
     assert float(jnp.abs(got - want).max()) < 0.05 * float(jnp.abs(want).max()) + 1e-2
+    products = jax.jit(lambda x: nnx.merge(*nnx.split(bf16))(x)).lower(x).as_text()
+    assert "bf16" in products  # the products do run in bf16
+    if "matmul_dtype" in dtypes:
+        assert got.dtype == jnp.float32
 
 
-def test_bfloat16_training_on_breastmnist(shared_data, tmp_path):
+def test_matmul_dtype_is_checked():
+    c = base_config()
+    c.model.name = "vit_ti16"
+    c.train.matmul_dtype = "float16"
+    with pytest.raises(ValueError, match="train.matmul_dtype must be unset, 'bfloat16'"):
+        builder.model_overrides(c)
+    c.model.name, c.train.matmul_dtype = "resnet18", "bfloat16"
+    with pytest.raises(ValueError, match="implemented for ViTs only"):
+        builder.model_overrides(c)
+
+
+@pytest.mark.parametrize("dtypes", [dict(compute_dtype="bfloat16"), dict(matmul_dtype="bfloat16")])
+def test_bfloat16_training_on_breastmnist(shared_data, tmp_path, dtypes):
     """A LoRA + full-attention-tuning run in bf16 through the train loop (XLA:CPU must run every
     bf16 x bf16 -> float32 product of the backward pass): the loss falls."""
     c = base_config()
@@ -65,7 +83,7 @@ def test_bfloat16_training_on_breastmnist(shared_data, tmp_path):
     c.dataset.name = "breastmnist"
     c.peft.method = "lora+attention_tune"
     c.train.update(num_steps=20, batch_size=16, lr=3e-3, warmup_steps=2, log_every=1, eval_every=20, progress=False,
-                   compute_dtype="bfloat16")
+                   **dtypes)
     results = loop.train_and_evaluate(c, tmp_path)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 20 and np.all(np.isfinite(losses))

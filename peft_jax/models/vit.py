@@ -40,6 +40,9 @@ class ViTConfig:
     scan_layers: bool = False  # stack the blocks and run them with a scan (fast compiles for L/H)
     remat: bool = False  # recompute block activations in the backward pass (memory for L/H)
     dtype: str = "float32"  # computation dtype; parameters stay float32
+    # Operands of the linear and attention products (None: ``dtype``). "bfloat16" with float32
+    # activations: bf16 products that accumulate in float32, every other operation in float32.
+    matmul_dtype: str | None = None
 
     @property
     def grid_size(self) -> int:
@@ -65,20 +68,30 @@ VIT_VARIANTS: dict[str, dict] = {
 }
 
 
+def bf16_products(x: jax.Array, matmul_dtype: Dtype) -> bool:
+    """Whether a product on ``x`` takes bf16 operands (``precision.mixed_einsum``)."""
+    return x.dtype == jnp.bfloat16 or matmul_dtype == jnp.bfloat16
+
+
 class Dense(nnx.Linear):
     """``nnx.Linear`` whose bfloat16 products accumulate in float32, forward and backward
-    (``precision.mixed_einsum``); float32 inputs take the plain path."""
+    (``precision.mixed_einsum``): with bf16 inputs, or with ``matmul_dtype`` bf16 on float32
+    inputs. The output keeps the input's dtype."""
+
+    def __init__(self, *args, matmul_dtype: Dtype, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.matmul_dtype = matmul_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if x.dtype != jnp.bfloat16:
+        if not bf16_products(x, self.matmul_dtype):
             return super().__call__(x)
         y = mixed_einsum("...k,kn->...n", x, self.kernel[...]).astype(x.dtype)
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 
-def _dense(din: int, dout: int, rngs: nnx.Rngs, dtype: Dtype) -> Dense:
+def _dense(din: int, dout: int, rngs: nnx.Rngs, dtype: Dtype, matmul_dtype: Dtype) -> Dense:
     return Dense(
-        din, dout, dtype=dtype, rngs=rngs,
+        din, dout, dtype=dtype, rngs=rngs, matmul_dtype=matmul_dtype,
         kernel_init=nnx.initializers.xavier_uniform(),
         bias_init=nnx.initializers.normal(1e-6),
     )
@@ -87,12 +100,13 @@ def _dense(din: int, dout: int, rngs: nnx.Rngs, dtype: Dtype) -> Dense:
 class Attention(nnx.Module):
     """Multi-head self-attention with separate query/key/value/out projections."""
 
-    def __init__(self, hidden_size: int, num_heads: int, *, dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, hidden_size: int, num_heads: int, *, dtype: Dtype, matmul_dtype: Dtype, rngs: nnx.Rngs):
         self.num_heads = num_heads
-        self.query = _dense(hidden_size, hidden_size, rngs, dtype)
-        self.key = _dense(hidden_size, hidden_size, rngs, dtype)
-        self.value = _dense(hidden_size, hidden_size, rngs, dtype)
-        self.out = _dense(hidden_size, hidden_size, rngs, dtype)
+        self.matmul_dtype = matmul_dtype
+        self.query = _dense(hidden_size, hidden_size, rngs, dtype, matmul_dtype)
+        self.key = _dense(hidden_size, hidden_size, rngs, dtype, matmul_dtype)
+        self.value = _dense(hidden_size, hidden_size, rngs, dtype, matmul_dtype)
+        self.out = _dense(hidden_size, hidden_size, rngs, dtype, matmul_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
@@ -103,7 +117,7 @@ class Attention(nnx.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         # Einsum attention measured faster than jax.nn.dot_product_attention on XLA:CPU.
-        einsum = mixed_einsum if x.dtype == jnp.bfloat16 else jnp.einsum
+        einsum = mixed_einsum if bf16_products(x, self.matmul_dtype) else jnp.einsum
         logits = einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         y = einsum("bhqk,bkhd->bqhd", weights, v).astype(x.dtype).reshape(b, -1, d)
@@ -111,10 +125,11 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, hidden_size: int, mlp_dim: int, approximate: bool, *, dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, hidden_size: int, mlp_dim: int, approximate: bool, *, dtype: Dtype, matmul_dtype: Dtype,
+                 rngs: nnx.Rngs):
         self.approximate = approximate
-        self.fc1 = _dense(hidden_size, mlp_dim, rngs, dtype)
-        self.fc2 = _dense(mlp_dim, hidden_size, rngs, dtype)
+        self.fc1 = _dense(hidden_size, mlp_dim, rngs, dtype, matmul_dtype)
+        self.fc2 = _dense(mlp_dim, hidden_size, rngs, dtype, matmul_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate))
@@ -125,10 +140,12 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
+        matmul_dtype = jnp.dtype(cfg.matmul_dtype or cfg.dtype)
         self.norm1 = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(cfg.hidden_size, cfg.num_heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, dtype=dtype, matmul_dtype=matmul_dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(cfg.hidden_size, cfg.mlp_dim, cfg.gelu_approximate, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(cfg.hidden_size, cfg.mlp_dim, cfg.gelu_approximate, dtype=dtype, matmul_dtype=matmul_dtype,
+                       rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x))

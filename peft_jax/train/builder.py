@@ -24,15 +24,19 @@ class Built:
 
 
 def model_overrides(cfg: ml_collections.ConfigDict) -> dict:
-    dtype = cfg.train.compute_dtype
+    dtype, matmul_dtype = cfg.train.compute_dtype, cfg.train.get("matmul_dtype")
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"train.compute_dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if matmul_dtype not in (None, dtype, "bfloat16"):
+        raise ValueError(f"train.matmul_dtype must be unset, 'bfloat16' or train.compute_dtype ({dtype!r}), got "
+                         f"{matmul_dtype!r}")
     if cfg.model.name in RESNET_NAMES:
-        if dtype != "float32":
-            raise ValueError("train.compute_dtype='bfloat16' is implemented for ViTs only; use float32 for ResNets")
+        if dtype != "float32" or matmul_dtype not in (None, "float32"):
+            raise ValueError("train.compute_dtype / train.matmul_dtype 'bfloat16' are implemented for ViTs only; "
+                             "use float32 for ResNets")
         return {}
     return dict(patch_size=cfg.model.patch_size, depth=cfg.model.depth, pool=cfg.model.pool,
-                scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, dtype=dtype)
+                scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, dtype=dtype, matmul_dtype=matmul_dtype)
 
 
 def load_native(model: nnx.Module, directory: pathlib.Path, num_classes: int) -> None:
