@@ -10,7 +10,6 @@ CORE = [
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
     "ml-collections==1.1.0",
-    "clu==0.0.12",
     "tensorflow-datasets==4.9.10",
     "array-record==0.8.6",
     "grain==0.2.18",
@@ -31,7 +30,7 @@ EXTRAS = {
         "pytest-xdist==3.8.0",
         "scikit-learn==1.9.1",
         "scipy==1.17.1",
-        "torch==2.13.0",
+        "torch==2.13.0",  # the one torch pin (a CPU wheel)
         "transformers==5.24.0",
         "diffusers==0.42.1",
         "peft==0.21.2",
@@ -39,7 +38,10 @@ EXTRAS = {
     ],
     "hpo": ["optuna==5.0.0"],
     "gpu": ["jax[cuda13]==0.10.2"],
-    "fid_reference": ["torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0"],
+    # pytorch-fid, the FID reference (not needed by the tests). Its torchvision 0.29.1 requires and
+    # installs torch 2.14.1 (a CUDA build): torchvision 0.28.0, the one made for torch 2.13.0, fails
+    # on the CPU wheel ("operator torchvision::nms does not exist"). Install it in its own environment.
+    "fid_reference": ["torchvision==0.29.1", "pytorch-fid==0.3.0"],
 }
 
 setup(

@@ -97,11 +97,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    config.lock()
-    return config
-
-
 def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     keys = []
     for k, v in config.items():

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from peft_jax.adapters.core import path_str
+from peft_jax.paths import keypath_str
 
 # (regex on the variable path, spec): the first match wins; "auto" is the FSDP rule above.
 DEFAULT_RULES: tuple[tuple[str, str | P], ...] = ((r".*", "auto"),)
@@ -57,9 +57,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, min_size: int,
 def tree_shardings(tree, mesh: Mesh, min_size: int, rules: Sequence[tuple[str, str | P]] = DEFAULT_RULES):
     """NamedShardings for every leaf of a pytree of arrays (or ShapeDtypeStructs)."""
     def one(path, leaf):
-        keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-        name = path_str(keys[:-1] if keys and keys[-1] == "value" else keys)
-        return NamedSharding(mesh, spec_for(name, tuple(leaf.shape), mesh, min_size, rules))
+        return NamedSharding(mesh, spec_for(keypath_str(path), tuple(leaf.shape), mesh, min_size, rules))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

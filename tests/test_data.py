@@ -263,9 +263,10 @@ def test_grain_worker_processes_give_the_same_batches():
 
 
 def test_unreachable_download_says_where_to_put_the_file(tmp_path):
-    from peft_jax.data import download as download_lib
+    from peft_jax import cache
 
     dest = tmp_path / "cache" / "breastmnist.npz"
     with pytest.raises(FileNotFoundError, match=r"could not download breastmnist.npz .*put it here"):
-        download_lib.download("http://127.0.0.1:1/breastmnist.npz", dest, "0" * 32, manual_hint="put it here")
+        cache.download("http://127.0.0.1:1/breastmnist.npz", dest, digest="0" * 32, algorithm="md5",
+                       manual_hint="put it here")
     assert not dest.exists() and not any(dest.parent.iterdir())

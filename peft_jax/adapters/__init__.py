@@ -8,7 +8,6 @@ from peft_jax.adapters.core import (
     METHODS,
     AdapterParam,
     apply_peft,
-    frozen_filter,
     merge,
     method_names,
     param_report,
@@ -16,6 +15,6 @@ from peft_jax.adapters.core import (
 )
 
 __all__ = [
-    "ADAPTER_TYPES", "METHODS", "AdapterParam", "apply_peft", "frozen_filter", "merge", "method_names",
+    "ADAPTER_TYPES", "METHODS", "AdapterParam", "apply_peft", "merge", "method_names",
     "param_report", "trainable_filter",
 ]

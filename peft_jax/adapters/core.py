@@ -19,6 +19,7 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.models.vit import LayerShared
+from peft_jax.paths import path_str  # noqa: F401  (the method files import it from here)
 
 
 class AdapterParam(nnx.Param):
@@ -38,11 +39,6 @@ Filter = Callable[[Path, Any], bool]
 HEAD_PATTERN = r"^head/"
 # Wrappers keep the module they wrap as ``.base``; path regexes on tuned weights allow it.
 WRAPPED = r"(?:base/)*"
-
-
-def path_str(path: Path) -> str:
-    """('blocks', 0, 'attn', 'query') -> 'blocks/0/attn/query'."""
-    return "/".join(str(p) for p in path)
 
 
 def path_regex(pattern: str) -> Filter:
@@ -69,11 +65,6 @@ def any_of(*filters: Filter) -> Filter:
         return any(p(path, value) for p in preds)
 
     return either
-
-
-def frozen_filter(trainable: Filter) -> Filter:
-    """Parameters outside the trainable filter."""
-    return nnx.All(nnx.Param, nnx.Not(trainable))
 
 
 def modules_matching(model: nnx.Module, types: tuple[type, ...], pattern: str | None = None,
@@ -243,10 +234,6 @@ def merge(model: nnx.Module, cfg: ml_collections.ConfigDict) -> nnx.Module:
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def count(state: nnx.State) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(state)))
 
 
 def param_report(model: nnx.Module, trainable: Filter) -> dict[str, Any]:

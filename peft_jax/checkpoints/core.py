@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peft_jax.paths import path_str
+
 log = logging.getLogger("peft_jax.checkpoints")
 
 Path = tuple  # a variable's path in the model, e.g. ("layer1", 0, "conv1", "kernel")
@@ -31,10 +33,6 @@ def _listing(title: str, items: list[str]) -> str:
     shown = items[:_SHOWN]
     more = f"\n    ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
     return f"  {title} ({len(items)}):\n    " + "\n    ".join(shown) + more
-
-
-def path_str(path: Path) -> str:
-    return "/".join(str(p) for p in path)
 
 
 class KeyMapper:

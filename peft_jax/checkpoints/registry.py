@@ -1,23 +1,13 @@
-"""Known public checkpoints, and their download into a verified local cache.
-
-A download goes to a temporary file in the cache directory, is hashed while it is
-written, and is renamed into place only when its sha256 matches: an interrupted or
-corrupted download never leaves a file that a later run would trust.
-"""
+"""Known public checkpoints, fetched into the verified local cache of peft_jax/cache.py."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import os
 import pathlib
-import tempfile
-import urllib.error
-import urllib.request
 
+from peft_jax.cache import ChecksumError, cache_dir, download
 from peft_jax.checkpoints.core import CheckpointError
-
-_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +84,6 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
 }
 
 
-def cache_dir() -> pathlib.Path:
-    """$PEFT_JAX_CACHE, else ~/.cache/peft_jax."""
-    return pathlib.Path(os.environ.get("PEFT_JAX_CACHE") or pathlib.Path.home() / ".cache" / "peft_jax").expanduser()
-
-
 def _offline() -> bool:
     return os.environ.get("PEFT_JAX_OFFLINE", "").lower() in ("1", "true", "yes")
 
@@ -108,33 +93,6 @@ def _manual_instructions(name: str, ckpt: KnownCheckpoint, dest: pathlib.Path) -
         f"download {ckpt.url} by hand and save it as {dest} (or pass the file's path instead of {name!r}); "
         f"set PEFT_JAX_CACHE to use another cache directory"
     )
-
-
-def download(url: str, dest: pathlib.Path, sha256: str, *, progress: bool = True) -> pathlib.Path:
-    """Downloads `url` (http(s) or file://) to `dest`, verifying the sha256 (full digest or prefix)."""
-    if not sha256:
-        raise CheckpointError(f"refusing to download {url} without a known sha256 to check it against")
-    from tqdm.auto import tqdm
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
-    tmp = pathlib.Path(tmp_name)
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
-                while chunk := response.read(_CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        actual = digest.hexdigest()
-        if not actual.startswith(sha256.lower()):
-            raise CheckpointError(f"sha256 mismatch for {url}: expected {sha256}, got {actual}; the file was discarded")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
 
 
 def fetch(name: str, *, progress: bool = True) -> pathlib.Path:
@@ -158,8 +116,10 @@ def fetch(name: str, *, progress: bool = True) -> pathlib.Path:
                               f"peft_jax could check a download against, so it is not downloaded automatically: "
                               + _manual_instructions(name, ckpt, dest))
     try:
-        return download(ckpt.url, dest, ckpt.sha256, progress=progress)
-    except (urllib.error.URLError, OSError) as e:
+        return download(ckpt.url, dest, digest=ckpt.sha256, progress=progress)
+    except ChecksumError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
         raise CheckpointError(f"could not download checkpoint {name!r} ({e}): "
                               + _manual_instructions(name, ckpt, dest)) from e
 

@@ -18,7 +18,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from peft_jax.data import download as download_lib
+from peft_jax import cache
 from peft_jax.data.splits import DatasetSplits, Split
 
 URL = "https://zenodo.org/records/10519652/files/{filename}?download=1"
@@ -114,7 +114,7 @@ def search_dirs(data_dir: str | None) -> list[pathlib.Path]:
         dirs.append(pathlib.Path(data_dir))
     if os.environ.get("PEFT_JAX_DATA"):
         dirs.append(pathlib.Path(os.environ["PEFT_JAX_DATA"]) / "medmnist")
-    dirs.append(download_lib.cache_dir("medmnist"))
+    dirs.append(cache.cache_dir("medmnist"))
     return dirs
 
 
@@ -132,9 +132,9 @@ def find_or_download(name: str, size: int, *, data_dir: str | None, download: bo
             f"MedMNIST dataset {name!r} (size {size}): {fname} was not found in {places}. "
             f"Download it from {url} into one of these folders (or set dataset.data_dir), "
             f"or set dataset.download=True.")
-    destination = download_lib.cache_dir("medmnist") / fname
+    destination = cache.cache_dir("medmnist") / fname
     hint = f"Download {url} by hand and put it in one of: {places}."
-    return download_lib.download(url, destination, INFO[name]["md5"][size], manual_hint=hint)
+    return cache.download(url, destination, digest=INFO[name]["md5"][size], algorithm="md5", manual_hint=hint)
 
 
 def load(cfg: ml_collections.ConfigDict) -> DatasetSplits:

@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from peft_jax import cache
 from peft_jax.data import builders
-from peft_jax.data import download as download_lib
 from peft_jax.data.splits import DatasetSplits, Split
 
 SPLITS = ("train", "validation", "test")
@@ -29,7 +29,7 @@ def default_manual_dir(name: str) -> pathlib.Path | None:
 def make_builder(name: str, *, data_dir: str | os.PathLike | None = None, config: str | None = None,
                  skip_bad_files: bool = False):
     """The TFDS builder of `name`, writing / reading array_record files under `data_dir`."""
-    data_dir = os.fspath(data_dir) if data_dir else os.fspath(download_lib.cache_dir("tfds"))
+    data_dir = os.fspath(data_dir) if data_dir else os.fspath(cache.cache_dir("tfds"))
     return builders.get(name)(data_dir=data_dir, config=config, file_format="array_record",
                               skip_bad_files=skip_bad_files)
 

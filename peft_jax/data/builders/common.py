@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pathlib
 import warnings
 from typing import Iterable, Sequence
@@ -197,8 +196,3 @@ def listdir_images(folder: pathlib.Path, suffixes: Iterable[str]) -> list[pathli
     """Image files in `folder`, sorted by name so that generation is deterministic."""
     suffixes = tuple(s.lower() for s in suffixes)
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
-
-
-def env_path(variable: str) -> pathlib.Path | None:
-    value = os.environ.get(variable)
-    return pathlib.Path(value) if value else None
