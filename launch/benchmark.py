@@ -1,4 +1,4 @@
-"""The benchmark grid (methods x models x datasets x data fractions x seeds) and its report.
+"""The paper's experiment grid (peft_jax/hpo/grid.py: methods x models x datasets x data fractions x seeds) and its report.
 
     python launch/benchmark.py --config configs/benchmark/mini.py --workdir runs/mini --report_dir results/mini
     python launch/benchmark.py --config configs/benchmark/paper_vit.py --workdir runs/paper_vit --dry_run
@@ -15,9 +15,7 @@ import pathlib
 import shlex
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from peft_jax import runtime  # noqa: E402  (sets up the allocator before jax is imported)
+from peft_jax import runtime  # sets up the allocator before jax is imported
 
 runtime.setup()
 
@@ -35,15 +33,15 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile one train step per (mode
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from peft_jax.hpo import benchmark, report
+    from peft_jax.hpo import grid, report
 
     cfg = _CONFIG.value
     workdir = pathlib.Path(_WORKDIR.value)
     if _DRY_RUN.value:
-        benchmark.dry_run(cfg, workdir)
+        grid.dry_run(cfg, workdir)
         print(f"dry run passed for every (model, method); details in {workdir / 'dry_run.json'}")
         return
-    records = benchmark.run_benchmark(cfg, workdir, workers=_WORKERS.value)
+    records = grid.run_grid(cfg, workdir, workers=_WORKERS.value)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     summary = report.write_all(records, pathlib.Path(_REPORT_DIR.value or workdir), command, str(cfg),
                                reference=cfg.benchmark.reference)

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import ml_collections
 
-import ml_collections  # noqa: E402
-
-from peft_jax import data  # noqa: E402
+from peft_jax import data
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from peft_jax import runtime  # noqa: E402  (sets up the allocator before jax is imported)
+from peft_jax import runtime  # sets up the allocator before jax is imported
 
 runtime.setup()
 
@@ -30,10 +28,10 @@ _WORKERS = flags.DEFINE_integer("workers", 1, "Trial processes on this host.")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from peft_jax import hpo
+    from peft_jax.hpo import sweep
 
     workdir = pathlib.Path(_WORKDIR.value)
-    summary = hpo.run_sweep(_CONFIG.value, workdir, workers=_WORKERS.value)
+    summary = sweep.run_sweep(_CONFIG.value, workdir, workers=_WORKERS.value)
     if summary["best_value"] is None:
         print(f"error: no trial finished ({summary['trials']}); see the errors in {workdir / 'sweep_results.json'}",
               file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Train and evaluate one PEFT experiment.
+"""Train and evaluate one PEFT experiment (peft_jax/train/classify.py).
 
     python launch/train.py --config configs/vit_b_lora.py --config.dataset.name=breastmnist --workdir runs/x
 
@@ -11,9 +11,7 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from peft_jax import runtime  # noqa: E402  (sets up the allocator and platform before jax is imported)
+from peft_jax import runtime  # sets up the allocator before jax is imported
 
 runtime.setup()
 
@@ -22,27 +20,27 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config name>).")
+SUMMARY = ("method", "model", "dataset", "trainable_params", "trainable_percent", "best_step", "val", "test")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from peft_jax.train import loop
+    from peft_jax.train import classify, workdir
 
     cfg = _CONFIG.value
     runtime.init_distributed(cfg)
-    workdir = pathlib.Path(_WORKDIR.value or f"runs/{pathlib.Path(config_flags.get_config_filename(flags.FLAGS['config'])).stem}")
+    config_name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
+    folder = pathlib.Path(_WORKDIR.value or f"runs/{config_name}")
     if cfg.dry_run:
-        result = loop.dry_run(cfg, workdir)
-    else:
-        try:
-            result = loop.train_and_evaluate(cfg, workdir)
-        except loop.Preempted as e:
-            print(e, file=sys.stderr)
-            sys.exit(143)  # 128 + SIGTERM: schedulers requeue; rerunning continues from the saved step
-        result = {k: result[k] for k in ("method", "model", "dataset", "trainable_params", "trainable_percent",
-                                         "best_step", "val", "test")}
-    print(json.dumps(result, indent=1, default=str))
+        print(json.dumps(classify.dry_run(cfg, folder), indent=1, default=str))
+        return
+    try:
+        result = classify.train_and_evaluate(cfg, folder)
+    except workdir.Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM: schedulers requeue; rerunning continues from the saved step
+    print(json.dumps({k: result[k] for k in SUMMARY}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ an error that lists the close valid keys instead of a silently ignored setting.
 """
 from __future__ import annotations
 
+import copy
 import difflib
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -61,9 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 32
     c.train.eval_batch_size = 128
     c.train.lr = 1e-3
-    c.train.head_lr = ml_collections.config_dict.placeholder(float)  # None: same as lr
     c.train.weight_decay = 1e-4
-    c.train.head_weight_decay = ml_collections.config_dict.placeholder(float)
+    # Parameter groups (peft_jax/train/optim.py): (regex on the variable path, multiplier) pairs, first
+    # match wins, unmatched 1.0; e.g. (("^head/", 10.0),) gives the new head 10 x train.lr.
+    c.train.lr_mults = ()
+    c.train.wd_mults = ()
+    c.train.schedule = "warmup_cosine"  # or "constant"
     c.train.warmup_steps = 50
     c.train.grad_clip = 1.0
     c.train.label_smoothing = 0.0
@@ -91,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = 1
     c.mesh.min_shard_size = 2**14  # smaller variables are replicated
+    # Sharding rules tried before the default FSDP rule (peft_jax/sharding.py): (regex, "auto" or a tuple
+    # of mesh axes per array axis), e.g. (("pos_embed$", ()),) replicates the position embeddings.
+    c.mesh.rules = ()
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ml_collections.config_dict.placeholder(str)  # path or registered name
@@ -111,3 +120,31 @@ def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
     close = difflib.get_close_matches(key, all_keys(config), n=4, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return f"unknown config key {key!r}.{hint}"
+
+
+def check_keys(config: ml_collections.ConfigDict, keys, where: str) -> None:
+    """Every dotted key names a field of ``config``; otherwise an error naming the close valid keys."""
+    for key in keys:
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ValueError(f"{where}: {unknown_key_message(config, key)}")
+            node = node[part]
+
+
+def with_values(config: ml_collections.ConfigDict, values: Mapping[str, Any],
+                where: str = "override") -> ml_collections.ConfigDict:
+    """A copy of ``config`` with dotted fields set (``{"train.lr": 1e-3}``); unknown keys and wrong types
+    are errors naming the field."""
+    check_keys(config, values, where)
+    new = copy.deepcopy(config)
+    for key, value in values.items():
+        node = new
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ValueError(f"{where}: {key}={value!r} has the wrong type for that field ({e})") from None
+    return new

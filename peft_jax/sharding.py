@@ -22,6 +22,23 @@ from peft_jax.paths import keypath_str
 DEFAULT_RULES: tuple[tuple[str, str | P], ...] = ((r".*", "auto"),)
 
 
+def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, str | P], ...]:
+    """``mesh.rules`` (tried first), then DEFAULT_RULES. A config rule is ``(regex, spec)`` with spec
+    "auto" or a tuple of mesh axis names / None per array axis, e.g. ``(("pos_embed$", ()),)``
+    replicates the position embeddings and ``(("mlp/fc1/kernel$", (None, "fsdp")),)`` splits a kernel's
+    output axis."""
+    extra = []
+    for entry in cfg.get("rules", ()):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise ValueError(f"mesh.rules: each entry must be (regex, spec), got {entry!r}")
+        pattern, spec = entry
+        bad = [a for a in ([] if spec == "auto" else spec) if a not in (None, "data", "fsdp")]
+        if bad:
+            raise ValueError(f"mesh.rules: {pattern!r} names mesh axes {bad}; the mesh has 'data' and 'fsdp'")
+        extra.append((pattern, spec if spec == "auto" else P(*spec)))
+    return tuple(extra) + DEFAULT_RULES
+
+
 def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp) mesh over the first data*fsdp devices (all processes' devices in multi-host runs)."""
     devices = list(devices if devices is not None else jax.devices())

@@ -1,4 +1,7 @@
-"""Shared test fixtures: the real medical data in $PEFT_JAX_DATA and a quiet JAX."""
+"""Shared test fixtures: the real medical data in $PEFT_JAX_DATA, a tiny Stable Diffusion pipeline and a
+quiet JAX. Helper functions with arguments (random torch references, random images, CSV subsets) live in
+peft_jax/testing.py, so that tests import nothing but peft_jax."""
+import importlib.util
 import os
 import pathlib
 
@@ -14,3 +17,20 @@ def shared_data() -> pathlib.Path:
     if not root or not pathlib.Path(root).is_dir():
         pytest.skip("needs the real data folder: set PEFT_JAX_DATA (CI sets it to ../shared/data)")
     return pathlib.Path(root)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> pathlib.Path:
+    """A random-weight Stable Diffusion pipeline folder (peft_jax.testing.tiny_sd_pipeline), once per module."""
+    from peft_jax.testing import tiny_sd_pipeline
+
+    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd_tiny"))
+
+
+@pytest.fixture(scope="session")
+def sd15_config():
+    """configs/sd15.py's ``get_config(method)``, loaded from its file as ``--config configs/sd15.py:METHOD`` does."""
+    spec = importlib.util.spec_from_file_location("sd15_config", pathlib.Path(__file__).parents[1] / "configs" / "sd15.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config

@@ -16,7 +16,7 @@ from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, 
 from peft_jax.checkpoints import CheckpointError
 from peft_jax.models import from_pretrained
 from peft_jax.models.vit import resize_pos_embed
-from torch_reference import images, randomize
+from peft_jax.testing import random_images as images, randomize_torch as randomize
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 SMALL_VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,

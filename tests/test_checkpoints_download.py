@@ -171,7 +171,7 @@ def test_training_starts_from_a_registered_checkpoint(shared_data, tmp_path, cac
     from peft_jax.adapters.io import read_adapter_config, state_hash
     from flax import nnx
     from peft_jax.config import base_config
-    from peft_jax.train import loop
+    from peft_jax.train import classify
 
     src = torchvision_resnet18(tmp_path / "r18.pth")
     register(monkeypatch, "resnet18.test", src.as_uri(), sha(src))
@@ -180,7 +180,7 @@ def test_training_starts_from_a_registered_checkpoint(shared_data, tmp_path, cac
     cfg.peft.method = "bn_tune"
     cfg.init.checkpoint = "resnet18.test"
     cfg.train.update(num_steps=3, batch_size=8, eval_every=3, progress=False)
-    result = loop.train_and_evaluate(cfg, tmp_path / "run")
+    result = classify.train_and_evaluate(cfg, tmp_path / "run")
     assert result["trainable_params"] == 2 * 4800 + 512 * 2 + 2  # 4,800 BatchNorm channels in ResNet-18
     assert (cache / "test.pth").is_file()
     # The frozen backbone is the checkpoint's (its 3-class head was replaced by a 2-class one).

@@ -15,7 +15,7 @@ from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, 
 
 from peft_jax.checkpoints import CheckpointError
 from peft_jax.models import from_pretrained
-from torch_reference import images, randomize
+from peft_jax.testing import random_images as images, randomize_torch as randomize
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 D, HEADS, DEPTH = 64, 4, 2

@@ -274,11 +274,11 @@ def test_method_trains_on_breastmnist_through_launch(shared_data, tmp_path, meth
 @pytest.mark.parametrize("method", CNN_METHODS)
 def test_resnet50_dry_run(tmp_path, method):
     """A compiled ResNet-50 train step per method; its trainable count is the closed-form one."""
-    from peft_jax.train import loop
+    from peft_jax.train import classify
 
     cfg = base_config()
     cfg.model.name, cfg.model.image_size, cfg.train.batch_size = "resnet50", 64, 2
     cfg.peft.method = method
-    result = loop.dry_run(cfg, tmp_path)
+    result = classify.dry_run(cfg, tmp_path)
     assert result["trainable_params"] == R50_COUNTS[method]
     assert result["memory_analysis"] and (tmp_path / "dry_run.json").is_file()

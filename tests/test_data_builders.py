@@ -11,6 +11,7 @@ from peft_jax import data
 from peft_jax.data import tfds_loader
 from peft_jax.data.builders import common
 from peft_jax.data.builders.chest_xray_pneumonia import patient_id
+from peft_jax.testing import csv_subset, write_random_images
 
 
 def _cfg(name: str, manual_dir, data_dir, **overrides) -> ml_collections.ConfigDict:
@@ -183,32 +184,6 @@ def test_prepare_data_prints_splits_json_last(shared_data, tmp_path):
         "test": {"num_examples": 18, "class_counts": {"benign": 6, "malignant": 6, "normal": 6}}}}
 
 
-def _write_generated_images(paths: list[pathlib.Path], fmt: str) -> None:
-    """Stand-ins for release images that ../shared/data does not hold: small random pictures."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(path, format=fmt)
-
-
-def _csv_subset(src: pathlib.Path, dst: pathlib.Path, keep) -> list[dict]:
-    """Writes the header and the rows of the real CSV `src` for which keep(row) is true."""
-    import csv
-
-    with open(src, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = [r for r in reader if keep(r)]
-        fields = reader.fieldnames
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with open(dst, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return rows
-
-
 def test_fitzpatrick17k_real_csv_generated_images(shared_data, tmp_path):
     seen = {}
 
@@ -216,9 +191,9 @@ def test_fitzpatrick17k_real_csv_generated_images(shared_data, tmp_path):
         seen[row["three_partition_label"]] = seen.get(row["three_partition_label"], 0) + 1
         return seen[row["three_partition_label"]] <= 20
 
-    rows = _csv_subset(shared_data / "fitzpatrick17k" / "fitzpatrick17k.csv", tmp_path / "m" / "fitzpatrick17k.csv",
+    rows = csv_subset(shared_data / "fitzpatrick17k" / "fitzpatrick17k.csv", tmp_path / "m" / "fitzpatrick17k.csv",
                        keep)
-    _write_generated_images([tmp_path / "m" / "images" / f"{r['md5hash']}.jpg" for r in rows], "JPEG")
+    write_random_images([tmp_path / "m" / "images" / f"{r['md5hash']}.jpg" for r in rows], "JPEG")
     ds = data.load_dataset(_cfg("fitzpatrick17k", tmp_path / "m", tmp_path / "tfds"), seed=0)
     assert ds.class_names == ["non-neoplastic", "benign", "malignant"]
     assert tuple(sum(np.bincount(s.labels, minlength=3) for s in (ds.train, ds.validation, ds.test))) == (20, 20, 20)
@@ -232,11 +207,11 @@ def test_fitzpatrick17k_real_csv_generated_images(shared_data, tmp_path):
 
 def test_smdg_real_metadata_generated_images_patient_grouped(shared_data, tmp_path):
     metadata = "metadata - standardized.csv"
-    rows = _csv_subset(shared_data / "smdg" / metadata, tmp_path / "m" / metadata,
+    rows = csv_subset(shared_data / "smdg" / metadata, tmp_path / "m" / metadata,
                        lambda r: r["names"].startswith(("PAPILA-", "BEH-1", "CRFO-v4-1")))
     labelled = [r for r in rows if r["types"] in ("0", "1")]
     assert len(labelled) < len(rows)  # glaucoma suspects are in the CSV but not used
-    _write_generated_images([tmp_path / "m" / r["fundus"].lstrip("/") for r in labelled], "PNG")
+    write_random_images([tmp_path / "m" / r["fundus"].lstrip("/") for r in labelled], "PNG")
     ds = data.load_dataset(_cfg("smdg", tmp_path / "m", tmp_path / "tfds"), seed=0)
     assert ds.class_names == ["non_glaucoma", "glaucoma"]
     counts = sum(np.bincount(s.labels, minlength=2) for s in (ds.train, ds.validation, ds.test))
@@ -251,11 +226,11 @@ def test_smdg_real_metadata_generated_images_patient_grouped(shared_data, tmp_pa
 def test_iu_xray_real_reports_generated_images(shared_data, tmp_path):
     manual = tmp_path / "m"
     keep_uids = {str(u) for u in range(1, 81)}
-    projections = _csv_subset(shared_data / "iu_xray" / "indiana_projections.csv", manual / "indiana_projections.csv",
+    projections = csv_subset(shared_data / "iu_xray" / "indiana_projections.csv", manual / "indiana_projections.csv",
                               lambda r: r["uid"] in keep_uids)
-    reports = {r["uid"]: r for r in _csv_subset(shared_data / "iu_xray" / "indiana_reports.csv",
+    reports = {r["uid"]: r for r in csv_subset(shared_data / "iu_xray" / "indiana_reports.csv",
                                                manual / "indiana_reports.csv", lambda r: r["uid"] in keep_uids)}
-    _write_generated_images([manual / "images" / "images_normalized" / r["filename"] for r in projections], "PNG")
+    write_random_images([manual / "images" / "images_normalized" / r["filename"] for r in projections], "PNG")
     ds = data.load_dataset(_cfg("iu_xray", manual, tmp_path / "tfds"), seed=0)
     frontal = [r for r in projections if r["projection"] == "Frontal"]
     assert sum(len(s) for s in (ds.train, ds.validation, ds.test)) == len(frontal)

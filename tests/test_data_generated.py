@@ -271,3 +271,20 @@ def test_report_sections_stop_at_the_next_heading():
     assert report_sections(text) == {"findings": "Heart size normal. Lungs clear.",
                                      "impression": "No acute process. Nodule unchanged."}
     assert report_sections("no headings") == {"findings": "", "impression": ""}
+
+
+def test_mimic_cxr_report_prompts_for_text_to_image(mimic_manual, sd15_config, tmp_path):
+    """The t2i prompts of MIMIC-CXR: the findings of the frontal training images ("" for the impression-only
+    reports: left out in training); an unknown prompt field is refused before any preparation."""
+    from peft_jax.t2i import data as t2i_data
+
+    manual, images = mimic_manual
+    cfg = sd15_config().dataset
+    cfg.update(name="mimic_cxr", manual_dir=str(manual), data_dir=str(tmp_path / "tfds"), prompt_field="findings")
+    examples = t2i_data.load_examples(cfg, 16)
+    prompts = [examples.read(i)[1] for i in range(examples.count)]
+    expected = [im["findings"] for im in images if im["split"] == "train" and im["view"] in ("PA", "AP")]
+    assert sorted(prompts) == sorted(expected) and "" in expected
+    cfg.prompt_field = "report"
+    with pytest.raises(ValueError, match="prompt_field"):
+        t2i_data.load_examples(cfg, 16)

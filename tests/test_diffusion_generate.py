@@ -1,10 +1,10 @@
-"""launch/generate.py and the diffusers LoRA export on a tiny SD pipeline (tests/sd_tiny.py) with a LoRA adapter
-written by launch/train_t2i.py: PNGs, grid and printed paths; clear errors for an adapter of another base or with
+"""launch/generate.py (peft_jax/t2i/sample.py) and the diffusers LoRA export on a tiny SD pipeline (peft_jax.testing)
+with a LoRA adapter written by the t2i run: PNGs, grid and printed paths; clear errors for an adapter of another base or with
 another method config; the export loaded by diffusers' LoRA loader gives our U-Net's output (unmerged and merged)."""
 import json
 import pathlib
+import runpy
 import shutil
-import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -19,22 +19,17 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
-sys.path.insert(0, str(ROOT / "configs"))
-
-import generate  # noqa: E402
-import train_t2i  # noqa: E402
-from sd15_lora import get_config  # noqa: E402
-from sd_tiny import tiny_pipeline  # noqa: E402,F401  (fixture)
 
 from peft_jax.adapters import apply_peft, merge, trainable_filter  # noqa: E402
 from peft_jax.adapters.io import load_adapter, read_adapter_config  # noqa: E402
 from peft_jax.metrics import fid  # noqa: E402
 from peft_jax.models import from_pretrained  # noqa: E402
+from peft_jax.t2i import sample  # noqa: E402
+from peft_jax.t2i import train as t2i_train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_pipeline, tmp_path_factory) -> pathlib.Path:
+def lora_run(tiny_pipeline, sd15_config, tmp_path_factory) -> pathlib.Path:
     """Two LoRA steps (rank 4, alpha 8) at a high learning rate on 8 generated images: a visibly non-zero adapter."""
     root = tmp_path_factory.mktemp("lora_run")
     rng = np.random.default_rng(0)
@@ -42,13 +37,13 @@ def lora_run(tiny_pipeline, tmp_path_factory) -> pathlib.Path:
         folder = root / "images" / ("normal", "effusion")[i % 2]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(folder / f"{i}.png")
-    cfg = get_config()
+    cfg = sd15_config("lora")
     cfg.init.checkpoint = str(tiny_pipeline)
     cfg.model.image_size = 32
     cfg.peft.update(rank=4, alpha=8.0)
     cfg.dataset.manual_dir = str(root / "images")
     cfg.train.update(num_steps=2, batch_size=4, lr=0.05, log_every=0)
-    train_t2i.train(cfg, root / "run")
+    t2i_train.train(cfg, root / "run")
     return root / "run"
 
 
@@ -60,7 +55,7 @@ def test_generate_cli_writes_pngs_grid_and_paths(tiny_pipeline, lora_run, tmp_pa
                  "--prompt=No acute cardiopulmonary process.", f"--prompts_file={tmp_path / 'prompts.txt'}",
                  "--num_images=2", "--sampler=euler", "--steps=2", "--guidance=3", "--seed=0", "--batch_size=3",
                  f"--out={out}"])
-    generate.main(["generate.py"])
+    runpy.run_path(str(ROOT / "launch" / "generate.py"))["main"](["generate.py"])  # the flag shell itself
     printed = capsys.readouterr().out.split()
     names = ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png"]
     assert printed == [str(out / n) for n in names]  # 4 images in 2 batches of 3 (the last one padded)
@@ -76,7 +71,11 @@ def test_generate_cli_writes_pngs_grid_and_paths(tiny_pipeline, lora_run, tmp_pa
 
     real = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32)), np.float32)
                      for p in sorted((lora_run.parent / "images").glob("*/*.png"))]) / 127.5 - 1
-    assert np.isfinite(fid([real], [images / 127.5 - 1], features))
+    fake = images / 127.5 - 1
+    value = fid([real], [fake], features)
+    assert fid([real], [real], features) == pytest.approx(0.0, abs=1e-6)  # a set is at distance 0 of itself
+    assert value == pytest.approx(fid([fake], [real], features), rel=1e-9)  # symmetric
+    assert value > 1e-3
 
 
 def test_generate_refuses_an_adapter_of_another_base_or_method_config(tiny_pipeline, lora_run, tmp_path):
@@ -87,7 +86,7 @@ def test_generate_refuses_an_adapter_of_another_base_or_method_config(tiny_pipel
     arrays["conv_in.bias"] = arrays["conv_in.bias"] + 1e-3
     save_file(arrays, str(weights))
     with pytest.raises(ValueError, match="different base weights"):
-        generate.generate(other, ["x"], tmp_path / "out", adapter=lora_run / "adapter")
+        sample.generate(other, ["x"], tmp_path / "out", adapter=lora_run / "adapter")
 
     adapter = tmp_path / "adapter"
     shutil.copytree(lora_run / "adapter", adapter)
@@ -95,11 +94,11 @@ def test_generate_refuses_an_adapter_of_another_base_or_method_config(tiny_pipel
     meta["peft"]["rank"] = 8
     (adapter / "adapter_config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="does not fit this model.*shape mismatches"):
-        generate.generate(tiny_pipeline, ["x"], tmp_path / "out", adapter=adapter)
+        sample.generate(tiny_pipeline, ["x"], tmp_path / "out", adapter=adapter)
     del meta["base_hash"]
     (adapter / "adapter_config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="train_t2i adapter folder"):
-        generate.generate(tiny_pipeline, ["x"], tmp_path / "out", adapter=adapter)
+        sample.generate(tiny_pipeline, ["x"], tmp_path / "out", adapter=adapter)
     assert not (tmp_path / "out").exists()
 
 

@@ -1,10 +1,9 @@
-"""CPU runs of launch/train_t2i.py with a tiny SD pipeline (tests/sd_tiny.py): LoRA with label prompts on the real
-chest X-rays lowers the loss and writes results.json, adapter/ (with its diffusers export) and checkpoints; report
-prompts of IU X-ray (real reports, generated images) and of a generated MIMIC-CXR release; a run killed on a 2-way
-data-parallel mesh continues on a 2-way FSDP mesh with the losses of the uninterrupted single-device run."""
+"""CPU runs of the text-to-image PEFT run (peft_jax/t2i) with a tiny SD pipeline (peft_jax.testing): LoRA with
+label prompts on the real chest X-rays lowers the loss and writes results.json, adapter/ (with its diffusers export)
+and checkpoints; report prompts of IU X-ray (real reports, generated images; MIMIC-CXR's are in
+test_data_generated.py); a run killed on a 2-way data-parallel mesh continues on a 2-way FSDP mesh with the losses of
+the uninterrupted single-device run."""
 import json
-import pathlib
-import sys
 
 import ml_collections
 import numpy as np
@@ -14,32 +13,24 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
-sys.path.insert(0, str(ROOT / "configs"))
-
-import train_t2i  # noqa: E402
-from sd15_common import get_config  # noqa: E402
-from sd15_lora import get_config as lora_config  # noqa: E402
-from sd_tiny import tiny_pipeline  # noqa: E402,F401  (fixture)
-from test_data_builders import _csv_subset, _write_generated_images  # noqa: E402
-from test_data_generated import mimic_manual  # noqa: E402,F401  (fixture)
-
 from peft_jax.checkpoints.diffusers import load_tokenizer  # noqa: E402
-from peft_jax.train import loop  # noqa: E402
+from peft_jax.t2i import data as t2i_data  # noqa: E402
+from peft_jax.t2i import train as t2i_train  # noqa: E402
+from peft_jax.testing import csv_subset, write_random_images  # noqa: E402
+from peft_jax.train.workdir import Preempted, Workdir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def chest_run(shared_data, tiny_pipeline, tmp_path_factory):
+def chest_run(shared_data, tiny_pipeline, sd15_config, tmp_path_factory):
     """LoRA on 32 real chest X-rays with label prompts: 40 steps on one device (the reference run)."""
-    cfg = lora_config()
+    cfg = sd15_config("lora")
     cfg.init.checkpoint = str(tiny_pipeline)
     cfg.model.image_size = 32
     cfg.dataset.update(manual_dir=str(shared_data / "chest_xray" / "train"), max_images=32)
     cfg.train.update(num_steps=40, batch_size=8, lr=1e-2, log_every=0, checkpoint_every=20)
     cfg.mesh.min_shard_size = 256  # small enough to shard the tiny U-Net's weights over fsdp
     workdir = tmp_path_factory.mktemp("chest_run")
-    return cfg, workdir, train_t2i.train(cfg, workdir)
+    return cfg, workdir, t2i_train.train(cfg, workdir)
 
 
 def test_label_prompts_lower_the_loss_and_write_the_contract_files(chest_run):
@@ -54,10 +45,10 @@ def test_label_prompts_lower_the_loss_and_write_the_contract_files(chest_run):
     assert {p.name for p in (workdir / "adapter").iterdir()} == {"adapter.safetensors", "adapter_config.json",
                                                                  "diffusers"}
     assert (workdir / "adapter" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
-    assert loop.checkpoint_manager(workdir / "checkpoints" / "latest").latest_step() == 40
+    assert Workdir(workdir).latest_step("latest") == 40
 
 
-def _report_cfg(name: str, manual, data_dir, **overrides):
+def _report_cfg(get_config, name: str, manual, data_dir, **overrides):
     cfg = get_config().dataset
     cfg.update(name=name, manual_dir=str(manual), data_dir=str(data_dir), **overrides)
     return cfg
@@ -67,37 +58,29 @@ def _prompts(cfg, splits=("train", "validation", "test")) -> list[str]:
     prompts = []
     for split in splits:
         cfg.split = split
-        examples = train_t2i.load_examples(cfg, 16)
+        examples = t2i_data.load_examples(cfg, 16)
         prompts += [examples.read(i)[1] for i in range(examples.count)]
     return prompts
 
 
-def test_report_prompts_iu_xray_and_mimic_cxr(shared_data, mimic_manual, tiny_pipeline, tmp_path):
+def test_report_prompts_iu_xray(shared_data, sd15_config, tiny_pipeline, tmp_path):
     # IU X-ray: the real reports of 30 studies, generated images.
     manual = tmp_path / "iu"
     uids = {str(u) for u in range(1, 31)}
-    projections = _csv_subset(shared_data / "iu_xray" / "indiana_projections.csv", manual / "indiana_projections.csv",
+    projections = csv_subset(shared_data / "iu_xray" / "indiana_projections.csv", manual / "indiana_projections.csv",
                               lambda r: r["uid"] in uids)
-    reports = {r["uid"]: r for r in _csv_subset(shared_data / "iu_xray" / "indiana_reports.csv",
+    reports = {r["uid"]: r for r in csv_subset(shared_data / "iu_xray" / "indiana_reports.csv",
                                                manual / "indiana_reports.csv", lambda r: r["uid"] in uids)}
-    _write_generated_images([manual / "images" / "images_normalized" / r["filename"] for r in projections], "PNG")
+    write_random_images([manual / "images" / "images_normalized" / r["filename"] for r in projections], "PNG")
     frontal = [reports[r["uid"]] for r in projections if r["projection"] == "Frontal"]
-    cfg = _report_cfg("iu_xray", manual, tmp_path / "tfds")
+    cfg = _report_cfg(sd15_config, "iu_xray", manual, tmp_path / "tfds")
     assert sorted(_prompts(cfg)) == sorted(" ".join(r["impression"].split()) for r in frontal)
     cfg.prompt_field = "both"
     assert sorted(_prompts(cfg)) == sorted(" ".join(f"{r['findings']} {r['impression']}".split()) for r in frontal)
-    examples = train_t2i.load_examples(cfg, 16)
+    examples = t2i_data.load_examples(cfg, 16)
     assert examples.read(0)[0].shape == (16, 16, 3)
 
-    # MIMIC-CXR: findings of the frontal training images ("" for the impression-only reports: left out in training).
-    mimic, images = mimic_manual
-    cfg = _report_cfg("mimic_cxr", mimic, tmp_path / "tfds", prompt_field="findings")
-    expected = [im["findings"] for im in images if im["split"] == "train" and im["view"] in ("PA", "AP")]
-    assert sorted(_prompts(cfg, ["train"])) == sorted(expected) and "" in expected
-    with pytest.raises(ValueError, match="prompt_field"):
-        train_t2i.load_examples(_report_cfg("mimic_cxr", mimic, tmp_path / "tfds", prompt_field="report"), 16)
-
-    assert train_t2i.report_prompt({"findings": b" Heart size\n normal. ", "impression": "Clear.  "}, "both") == (
+    assert t2i_data.report_prompt({"findings": b" Heart size\n normal. ", "impression": "Clear.  "}, "both") == (
         "Heart size normal. Clear.")
     assert load_tokenizer(tiny_pipeline)([" ".join(["effusion"] * 200)]).shape == (1, 77)  # truncated to CLIP's 77
 
@@ -107,14 +90,14 @@ def _interrupt_at(step: int, monkeypatch) -> type:
     class Killed(Exception):
         pass
 
-    save = loop.Checkpoints.save
+    save = Workdir.save
 
-    def failing(manager, at, state, meta):
+    def failing(self, name, at, state, meta):
         if at == step:
             raise Killed(f"killed before saving step {step}")
-        save(manager, at, state, meta)
+        save(self, name, at, state, meta)
 
-    monkeypatch.setattr(loop.Checkpoints, "save", staticmethod(failing))
+    monkeypatch.setattr(Workdir, "save", failing)
     return Killed
 
 
@@ -128,12 +111,12 @@ def test_killed_run_resumes_with_single_device_losses_on_data_and_fsdp_meshes(ch
     run = workdir.parent / "killed_run"
     killed = _interrupt_at(4, monkeypatch)
     with pytest.raises(killed):
-        train_t2i.train(cfg, run)
+        t2i_train.train(cfg, run)
     monkeypatch.undo()
-    assert loop.checkpoint_manager(run / "checkpoints" / "latest").latest_step() == 2
+    assert Workdir(run).latest_step("latest") == 2
     assert not (run / "results.json").exists()
     cfg.mesh.update(data=1, fsdp=2)  # the mesh may change between a run and its continuation
-    resumed = train_t2i.train(cfg, run)
+    resumed = t2i_train.train(cfg, run)
     assert resumed["num_devices"] == 2 and resumed["steps_run"] == 6
     np.testing.assert_allclose(resumed["losses"], reference["losses"][:6], rtol=0, atol=1e-5)
 
@@ -146,7 +129,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues(chest_run, monke
     cfg = ml_collections.ConfigDict(reference_cfg.to_dict())
     cfg.train.update(num_steps=6, checkpoint_every=0)  # no periodic checkpoints: only the preemption saves
     run = workdir.parent / "sigterm_run"
-    step_fn = train_t2i.make_train_step
+    step_fn = t2i_train.make_train_step
     calls = []
 
     def signalling(*args, **kwargs):
@@ -159,29 +142,29 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues(chest_run, monke
             return step(*a)
         return wrapped
 
-    monkeypatch.setattr(train_t2i, "make_train_step", signalling)
+    monkeypatch.setattr(t2i_train, "make_train_step", signalling)
     handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(loop.Preempted, match="SIGTERM at step 3"):
-        train_t2i.train(cfg, run)
+    with pytest.raises(Preempted, match="SIGTERM at step 3"):
+        t2i_train.train(cfg, run)
     monkeypatch.undo()
-    assert loop.checkpoint_manager(run / "checkpoints" / "latest").latest_step() == 3
+    assert Workdir(run).latest_step("latest") == 3
     assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
-    resumed = train_t2i.train(cfg, run)
+    resumed = t2i_train.train(cfg, run)
     assert resumed["steps_run"] == 6
     np.testing.assert_allclose(resumed["losses"], reference["losses"][:6], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["full", "attention", "bias", "norm", "norm_bias", "norm_bias_attention", "svdiff",
                                     "difffit"])
-def test_every_unet_method_trains_on_the_chest_x_rays(shared_data, tiny_pipeline, tmp_path, method):
-    """Each configs/sd15_<method>.py (LoRA: chest_run above) trains the tiny U-Net with label prompts: the loss falls."""
-    cfg = get_config(method)
+def test_every_unet_method_trains_on_the_chest_x_rays(shared_data, tiny_pipeline, sd15_config, tmp_path, method):
+    """Each configs/sd15.py:<method> (LoRA: chest_run above) trains the tiny U-Net with label prompts: the loss falls."""
+    cfg = sd15_config(method)
     cfg.init.checkpoint = str(tiny_pipeline)
     cfg.model.image_size = 32
     cfg.dataset.update(manual_dir=str(shared_data / "chest_xray" / "train"), max_images=16)
     cfg.train.update(num_steps=30, batch_size=8, lr=3e-3 if method == "full" else 1e-2, log_every=0,
                      checkpoint_every=0)
-    losses = np.asarray(train_t2i.train(cfg, tmp_path)["losses"])
+    losses = np.asarray(t2i_train.train(cfg, tmp_path)["losses"])
     assert len(losses) == 30 and np.all(np.isfinite(losses))
     assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10]), (method, losses)
 
@@ -191,4 +174,4 @@ def test_16_bit_training_images_are_refused(tmp_path):
 
     Image.fromarray(np.full((16, 16), 4000, np.uint16)).save(tmp_path / "deep.png")
     with pytest.raises(ValueError, match="deep.png: pixels of mode I;16"):
-        train_t2i.load_image(tmp_path / "deep.png", 8)
+        t2i_data.load_image(tmp_path / "deep.png", 8)

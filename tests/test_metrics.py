@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from peft_jax.train import metrics
+from peft_jax.metrics import classification as metrics
 
 
 @pytest.mark.parametrize("num_classes", [2, 4])
@@ -49,11 +49,11 @@ def test_subgroup_gap():
 
 def test_early_stopping_ends_the_run(shared_data, tmp_path):
     from peft_jax.config import base_config
-    from peft_jax.train import loop
+    from peft_jax.train import classify
 
     cfg = base_config()
     cfg.model.name, cfg.model.image_size, cfg.model.patch_size, cfg.model.depth = "vit_ti16", 28, 4, 2
     # A learning rate of 0 never improves on the first evaluation: stop after `patience` more.
     cfg.train.update(num_steps=100, batch_size=16, eval_every=2, patience=3, lr=0.0, progress=False)
-    result = loop.train_and_evaluate(cfg, tmp_path)
+    result = classify.train_and_evaluate(cfg, tmp_path)
     assert result["stopped_early"] and result["best_step"] == 2 and result["steps_run"] == 8

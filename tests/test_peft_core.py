@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -10,6 +11,7 @@ from peft_jax.adapters import apply_peft, merge, param_report, trainable_filter
 from peft_jax.config import base_config
 from peft_jax.models import create_model
 from peft_jax.train import optim, step as step_lib
+from peft_jax.train.state import split_model
 
 
 def peft_cfg(method, **kw):
@@ -86,22 +88,22 @@ def test_merge_keeps_outputs(method, scan):
 
 def grads_and_jaxpr(method):
     model, cfg = build(method, patch_size=8, depth=2)
-    split = step_lib.split_model(model, trainable_filter(cfg))
+    graph, _, trainable, frozen, rest = split_model(model, trainable_filter(cfg))
     batch = {"image": jnp.ones((2, 32, 32, 3)), "label": jnp.zeros((2,), jnp.int32)}
 
     def loss(trainable):
-        m = nnx.merge(split.graph_train, trainable, split.frozen, split.rest)
+        m = nnx.merge(graph, trainable, frozen, rest)
         return step_lib.cross_entropy(m(batch["image"]), batch["label"], 0.0)
 
-    grads = jax.grad(loss)(split.trainable)
-    jaxpr = jax.make_jaxpr(jax.grad(loss))(split.trainable)
-    return split, grads, str(jaxpr)
+    grads = jax.grad(loss)(trainable)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(trainable)
+    return trainable, grads, str(jaxpr)
 
 
 def test_gradients_exist_only_for_trainable_state():
-    split, grads, _ = grads_and_jaxpr("lora")
+    trainable, grads, _ = grads_and_jaxpr("lora")
     paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
-    assert paths == {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(split.trainable)}
+    assert paths == {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
     assert all(p.startswith("head/") or p.endswith(("lora_a", "lora_b")) for p in paths)
     assert not any(p.endswith("kernel") and not p.startswith("head/") for p in paths)
 
@@ -116,14 +118,30 @@ def test_frozen_kernels_get_no_weight_gradient():
 
 
 def test_optimizer_state_only_for_trainable_and_grouped():
+    """AdamW state for the trainable leaves only; train.lr_mults / wd_mults groups by regex: a multiplier of 0
+    on the head freezes it while LoRA moves, and the default groups update exactly like one plain AdamW."""
     model, cfg = build("lora", patch_size=8, depth=2)
-    split = step_lib.split_model(model, trainable_filter(cfg))
+    _, _, trainable, _, _ = split_model(model, trainable_filter(cfg))
     train_cfg = base_config().train
-    train_cfg.head_lr = 0.1
-    tx = optim.make_optimizer(train_cfg)
-    state = tx.init(split.trainable)
-    n_trainable = sum(x.size for x in jax.tree.leaves(split.trainable))
+    train_cfg.update(warmup_steps=0, grad_clip=0.0, schedule="constant")
+    state = optim.make_optimizer(train_cfg).init(trainable)
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     n_opt = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
     assert n_opt == 2 * n_trainable  # AdamW: mu and nu, 8 bytes per trainable fp32 parameter
-    labels = optim.group_labels(split.trainable)
-    assert set(jax.tree.leaves(labels)) == {"head", "body"}
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    plain = optax.adamw(train_cfg.lr, weight_decay=train_cfg.weight_decay, mask=optim.decay_mask)
+    expected, _ = plain.update(grads, plain.init(trainable), trainable)
+    got, _ = optim.make_optimizer(train_cfg).update(grads, state, trainable)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, expected)
+
+    train_cfg.lr_mults = (("^head/", 0.0),)
+    tx = optim.make_optimizer(train_cfg)
+    labels = optim.group_labels(trainable, train_cfg)
+    assert set(jax.tree.leaves(labels)) == {"lr0_wd1", "lr1_wd1"}
+    updates, _ = tx.update(grads, tx.init(trainable), trainable)
+    flat = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(updates)}
+    assert all(not u.any() for k, u in flat.items() if k.startswith("head/"))
+    assert all(np.abs(u).min() > 0 for k, u in flat.items() if k.endswith(("lora_a", "lora_b")))
+    with pytest.raises(ValueError, match="train.lr_mults: each entry must be"):
+        train_cfg.lr_mults = (("^head/",),)
+        optim.make_optimizer(train_cfg)

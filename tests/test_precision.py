@@ -11,7 +11,7 @@ from flax import nnx
 from peft_jax.config import base_config
 from peft_jax.models import create_model
 from peft_jax.models.precision import mixed_einsum
-from peft_jax.train import builder, loop
+from peft_jax.train import builder, classify
 
 
 @pytest.mark.parametrize("spec,shape_a,shape_b", [
@@ -84,7 +84,7 @@ def test_bfloat16_training_on_breastmnist(shared_data, tmp_path, dtypes):
     c.peft.method = "lora+attention_tune"
     c.train.update(num_steps=20, batch_size=16, lr=3e-3, warmup_steps=2, log_every=1, eval_every=20, progress=False,
                    **dtypes)
-    results = loop.train_and_evaluate(c, tmp_path)
+    results = classify.train_and_evaluate(c, tmp_path)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 20 and np.all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < np.mean(losses[:5])

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from peft_jax.config import base_config
-from peft_jax.train import loop
+from peft_jax.train import classify
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -102,8 +102,8 @@ def tiny_config():
 
 
 def test_same_seed_same_metrics(shared_data, tmp_path):
-    a = loop.train_and_evaluate(tiny_config(), tmp_path / "a")
-    b = loop.train_and_evaluate(tiny_config(), tmp_path / "b")
+    a = classify.train_and_evaluate(tiny_config(), tmp_path / "a")
+    b = classify.train_and_evaluate(tiny_config(), tmp_path / "b")
     assert a["test"] == b["test"] and a["val"] == b["val"]
 
 

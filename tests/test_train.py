@@ -15,7 +15,8 @@ from flax import nnx
 
 from peft_jax import sharding as shd
 from peft_jax.config import base_config
-from peft_jax.train import builder, loop, optim, step as step_lib
+from peft_jax.train import builder, classify, optim, step as step_lib
+from peft_jax.train.state import setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.model.name=vit_ti16", "--config.model.image_size=28", "--config.model.patch_size=4",
@@ -92,7 +93,7 @@ def test_loss_falls_on_real_data(shared_data, tmp_path):
     cfg.dataset.name = "pneumoniamnist"
     cfg.peft.method = "lora"
     cfg.train.update(num_steps=60, batch_size=32, eval_every=60, log_every=1, lr=3e-3, warmup_steps=5, progress=False)
-    loop.train_and_evaluate(cfg, tmp_path)
+    classify.train_and_evaluate(cfg, tmp_path)
     hist = json.loads((tmp_path / "results.json").read_text())
     assert hist["test"]["macro_f1"] > 0.6  # pneumonia vs normal after 60 LoRA steps from scratch
 
@@ -103,25 +104,16 @@ def losses_on_mesh(data, fsdp, steps=6):
     cfg.peft.method = "lora"
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.min_shard_size = data, fsdp, 1
     cfg.train.update(lr=1e-2, warmup_steps=0, num_steps=steps)
-    mesh = shd.make_mesh(cfg.mesh)
     built = builder.build(cfg, 2)
-    split = step_lib.split_model(built.model, built.trainable)
-    tx = optim.make_optimizer(cfg.train)
-    steps_fns = step_lib.compile_steps(split, tx, jax.eval_shape(tx.init, split.trainable), mesh,
-                                       min_shard_size=1, label_smoothing=0.0)
-    trainable = jax.device_put(split.trainable, steps_fns.shardings["trainable"])
-    frozen = jax.device_put(split.frozen, steps_fns.shardings["frozen"])
-    rest = jax.device_put(split.rest, steps_fns.shardings["rest"])
-    opt = jax.jit(tx.init, out_shardings=steps_fns.shardings["opt_state"])(trainable)
+    state = setup(cfg, built.model, built.trainable, shd.make_mesh(cfg.mesh))
+    train_step = step_lib.compile_steps(state, cfg.train).train
     rng = np.random.default_rng(0)
-    losses = []
     batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
              "label": rng.integers(0, 2, size=8).astype(np.int32)}
-    batch = jax.device_put(batch, steps_fns.batch_sharding)
-    for _ in range(steps):  # one batch, memorised: the loss must fall
-        trainable, rest, opt, m = steps_fns.train(trainable, frozen, rest, opt, batch)
-        losses.append(float(m["loss"]))
-    return np.array(losses), frozen
+    batch = jax.device_put(batch, state.batch_sharding)
+    # one batch, memorised: the loss must fall
+    losses = [float(state.advance(train_step, batch)["loss"]) for _ in range(steps)]
+    return np.array(losses), state.frozen
 
 
 def test_sharded_training_matches_single_device():

@@ -73,17 +73,17 @@ def test_unknown_model_name_lists_valid_names():
 
 def test_remat_without_scan_trains():
     from peft_jax.config import base_config
-    from peft_jax.train import builder, optim, step as step_lib
     from peft_jax import sharding as shd
+    from peft_jax.train import builder, step as step_lib
+    from peft_jax.train.state import setup
 
     cfg = base_config()
     cfg.model.name, cfg.model.image_size, cfg.model.patch_size, cfg.model.depth = "vit_ti16", 32, 8, 2
     cfg.model.remat = True
     built = builder.build(cfg, 2)
-    split = step_lib.split_model(built.model, built.trainable)
-    tx = optim.make_optimizer(cfg.train)
-    steps = step_lib.compile_steps(split, tx, jax.eval_shape(tx.init, split.trainable), shd.make_mesh(cfg.mesh),
-                                   min_shard_size=2**14, label_smoothing=0.0)
+    state = setup(cfg, built.model, built.trainable, shd.make_mesh(cfg.mesh))
+    train_step = step_lib.compile_steps(state, cfg.train).train
     batch = {"image": jnp.ones((4, 32, 32, 3)), "label": jnp.zeros((4,), jnp.int32)}
-    *_, m = steps.train(split.trainable, split.frozen, split.rest, tx.init(split.trainable), batch)
-    assert np.isfinite(float(m["loss"]))
+    before = state.trainable["head"]["kernel"][...].copy()
+    assert np.isfinite(float(state.advance(train_step, batch)["loss"]))
+    assert not np.array_equal(state.trainable["head"]["kernel"][...], before)

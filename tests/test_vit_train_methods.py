@@ -17,7 +17,7 @@ from tensorboardX.proto import event_pb2
 from peft_jax import data as data_lib
 from peft_jax.adapters.io import load_adapter
 from peft_jax.config import base_config
-from peft_jax.train import builder, loop
+from peft_jax.train import builder, classify
 from test_vit_methods import VIT_B16_COUNTS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def train_losses(tb: pathlib.Path) -> list[float]:
 @pytest.mark.parametrize("method", RUNS)
 def test_methods_train_on_breastmnist(shared_data, tmp_path, method):
     cfg = tiny_experiment(method)
-    results = loop.train_and_evaluate(cfg, tmp_path)
+    results = classify.train_and_evaluate(cfg, tmp_path)
     losses = train_losses(tmp_path / "tb")
     assert len(losses) == 20
     assert np.mean(losses[-3:]) < losses[0], losses

@@ -8,6 +8,7 @@ import hashlib
 import json
 import pathlib
 import shutil
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -33,6 +34,31 @@ def state_hash(state: nnx.State) -> str:
 
 def flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
     return {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+def put_arrays(model: nnx.Module, filt, arrays: dict[str, np.ndarray], where: str, *,
+               may_differ: Callable[[str], bool] = lambda key: False) -> set[str]:
+    """Sets every variable of ``model`` that ``filt`` selects from ``arrays`` (keyed by ``path_str``).
+
+    Any missing, unexpected or mis-shaped key is one error naming them, except variables for which
+    ``may_differ(key)`` holds: those keep their value when the file has no fitting array (a new head,
+    say). Returns the keys that were kept.
+    """
+    state = nnx.state(model, filt)
+    expected = {path_str(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
+    kept = {k for k in expected if may_differ(k) and (k not in arrays or arrays[k].shape != expected[k])}
+    missing = sorted(set(expected) - set(arrays) - kept)
+    unexpected = sorted(k for k in set(arrays) - set(expected) if not may_differ(k))
+    wrong = [f"{k}: file {arrays[k].shape} vs model {expected[k]}" for k in expected
+             if k in arrays and k not in kept and arrays[k].shape != expected[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{where} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shape mismatches {wrong[:5]}")
+    for path, var in nnx.to_flat_state(state):
+        if path_str(path) not in kept:
+            var.set_value(jax.numpy.asarray(arrays[path_str(path)]))
+    nnx.update(model, state)
+    return kept
 
 
 def save_adapter(directory: str | pathlib.Path, model: nnx.Module, trainable: Filter, *,
@@ -85,16 +111,6 @@ def load_adapter(model: nnx.Module, directory: str | pathlib.Path, trainable: Fi
                              + ", ".join(f"peft.{k}: adapter {a!r} vs {b!r}" for k, (a, b) in differ.items()))
     arrays = load_file(str(directory / ADAPTER_FILE))
     for prefix, filt in (("params/", trainable), ("state/", nnx.BatchStat)):
-        state = nnx.state(model, filt)
-        expected = flat_arrays(state)
         got = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        wrong = [f"{k}: file {got[k].shape} vs model {expected[k].shape}" for k in expected
-                 if k in got and got[k].shape != expected[k].shape]
-        if missing or unexpected or wrong:
-            raise ValueError(f"adapter {directory} does not fit this model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
-        for path, var in nnx.to_flat_state(state):
-            var.set_value(jax.numpy.asarray(got[path_str(path)]))
-        nnx.update(model, state)
+        put_arrays(model, filt, got, f"adapter {directory}")
     return meta

@@ -1,7 +1,13 @@
-"""Checks on decoded image files shared by the dataset builders, text-to-image training and FID."""
+"""Reading image files, shared by the dataset builders, text-to-image training and FID."""
 from __future__ import annotations
 
+import io
+import pathlib
+
+import numpy as np
 from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what image folders (t2i training, FID) are searched for
 
 
 def require_8bit(image: Image.Image, source: object) -> None:
@@ -10,3 +16,25 @@ def require_8bit(image: Image.Image, source: object) -> None:
     if image.mode in ("I", "F") or image.mode.startswith("I;"):
         raise ValueError(f"{source}: pixels of mode {image.mode} (more than 8 bits); convert the images to 8 bits "
                          "first, with the intensity window you would display them with")
+
+
+def read_rgb(source: str | pathlib.Path | io.BytesIO, size: int | None = None,
+             resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+    """An 8-bit image file as uint8 (H, W, 3) (grey repeated over RGB), resized to (size, size) if given.
+
+    An unreadable file is a ValueError naming it.
+    """
+    try:
+        with Image.open(source) as image:
+            require_8bit(image, source)
+            rgb = image.convert("RGB")
+            if size is not None:
+                rgb = rgb.resize((size, size), resample)
+            return np.asarray(rgb)
+    except OSError as e:  # PIL's UnidentifiedImageError included
+        raise ValueError(f"{source}: not a readable image ({e})") from e
+
+
+def signed_unit(rgb: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1], the range of the Stable Diffusion VAE and the FID Inception."""
+    return np.asarray(rgb, np.float32) / 127.5 - 1.0

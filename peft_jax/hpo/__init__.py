@@ -1,7 +1,9 @@
-"""Hyper-parameter search (ASHA over Optuna studies) and the benchmark grid behind the paper's tables."""
-from peft_jax.hpo.benchmark import benchmark_section, run_benchmark
-from peft_jax.hpo.space import Dist, parse_spec, run_config, space_for, with_values
-from peft_jax.hpo.sweep import check_space, open_study, run_sweep, summarize, sweep_section, trial_config
+"""Hyper-parameter search (``sweep``: ASHA over Optuna studies) and the paper's experiment grid (``grid``).
 
-__all__ = ["Dist", "benchmark_section", "check_space", "open_study", "parse_spec", "run_benchmark", "run_config",
-           "run_sweep", "space_for", "summarize", "sweep_section", "trial_config", "with_values"]
+Only the config builders are imported here; ``peft_jax.hpo.sweep`` needs optuna (the hpo extra),
+a grid with fixed hyper-parameters (``peft_jax.hpo.grid``) does not.
+"""
+from peft_jax.hpo.grid import benchmark_section
+from peft_jax.hpo.space import Dist, parse_spec, run_config, space_for, sweep_section
+
+__all__ = ["Dist", "benchmark_section", "parse_spec", "run_config", "space_for", "sweep_section"]

@@ -12,15 +12,14 @@ from the command line (``--config.sweep.space.lora="train.lr=log(1e-4,1e-2)"``).
 from __future__ import annotations
 
 import ast
-import copy
 import dataclasses
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
-import optuna
 
-from peft_jax.config import unknown_key_message
+if TYPE_CHECKING:  # optuna (the hpo extra) is needed by sweeps only, not by a fixed grid
+    import optuna
 
 # Top-level config sections that describe a sweep or a benchmark, not one training run.
 DRIVER_SECTIONS = ("sweep", "benchmark")
@@ -110,13 +109,20 @@ def suggest(trial: optuna.Trial, space: dict[str, Any]) -> dict[str, Any]:
     return {k: v.suggest(trial, k) if isinstance(v, Dist) else v for k, v in space.items()}
 
 
-def check_keys(cfg: ml_collections.ConfigDict, keys, where: str) -> None:
-    for key in keys:
-        node = cfg
-        for part in key.split("."):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ValueError(f"{where}: {unknown_key_message(cfg, key)}")
-            node = node[part]
+def sweep_section(num_trials: int = 8, min_resource: int = 20, max_resource: int | None = None,
+                  space: dict[str, str] | None = None) -> ml_collections.ConfigDict:
+    """The ``sweep`` section of a config file, with every field and its default."""
+    s = ml_collections.ConfigDict()
+    s.num_trials = num_trials  # trials in the study (all hosts and workers together)
+    s.min_resource = min_resource  # training steps before the first ASHA rung
+    s.max_resource = ml_collections.FieldReference(max_resource, field_type=int)  # None: train.num_steps
+    s.reduction_factor = 4  # ASHA keeps the best 1/4 of the trials at each rung
+    s.eval_every = ml_collections.config_dict.placeholder(int)  # trial validation interval (None: min_resource)
+    s.storage = ml_collections.config_dict.placeholder(str)  # SQLAlchemy URL (None: sqlite in the workdir)
+    s.study_name = ml_collections.config_dict.placeholder(str)  # None: the workdir's name
+    s.seed = 0  # sampler seed (worker i uses seed + i)
+    s.space = ml_collections.ConfigDict(space or {})  # method name or "common" -> spec (see peft_jax.hpo.space)
+    return s
 
 
 def run_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -128,22 +134,6 @@ def run_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if name in new:
             del new[name]
     new.lock()
-    return new
-
-
-def with_values(cfg: ml_collections.ConfigDict, values: dict[str, Any], where: str = "override") -> ml_collections.ConfigDict:
-    """A copy of ``cfg`` with dotted fields set; unknown keys and wrong types are errors naming the field."""
-    check_keys(cfg, values, where)
-    new = copy.deepcopy(cfg)
-    for key, value in values.items():
-        node = new
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        try:
-            node[leaf] = value
-        except TypeError as e:
-            raise ValueError(f"{where}: {key}={value!r} has the wrong type for that field ({e})") from None
     return new
 
 

@@ -25,6 +25,8 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from peft_jax.config import with_values
+
 from peft_jax.hpo import space as space_lib
 
 STATES = {"finished": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL,
@@ -39,22 +41,6 @@ def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs={"resume_of": trial.number}, intermediate_values=trial.intermediate_values))
-
-
-def sweep_section(num_trials: int = 8, min_resource: int = 20, max_resource: int | None = None,
-                  space: dict[str, str] | None = None) -> ml_collections.ConfigDict:
-    """The ``sweep`` section of a config file, with every field and its default."""
-    s = ml_collections.ConfigDict()
-    s.num_trials = num_trials  # trials in the study (all hosts and workers together)
-    s.min_resource = min_resource  # training steps before the first ASHA rung
-    s.max_resource = ml_collections.FieldReference(max_resource, field_type=int)  # None: train.num_steps
-    s.reduction_factor = 4  # ASHA keeps the best 1/4 of the trials at each rung
-    s.eval_every = ml_collections.config_dict.placeholder(int)  # trial validation interval (None: min_resource)
-    s.storage = ml_collections.config_dict.placeholder(str)  # SQLAlchemy URL (None: sqlite in the workdir)
-    s.study_name = ml_collections.config_dict.placeholder(str)  # None: the workdir's name
-    s.seed = 0  # sampler seed (worker i uses seed + i)
-    s.space = ml_collections.ConfigDict(space or {})  # method name or "common" -> spec (see peft_jax.hpo.space)
-    return s
 
 
 def _sweep(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -91,9 +77,9 @@ def trial_config(cfg: ml_collections.ConfigDict, params: dict[str, Any]) -> ml_c
     sweep = _sweep(cfg)
     steps = int(sweep.max_resource or cfg.train.num_steps)
     every = int(sweep.eval_every or sweep.min_resource)
-    base = space_lib.with_values(space_lib.run_config(cfg), {
+    base = with_values(space_lib.run_config(cfg), {
         "train.num_steps": steps, "train.eval_every": every, "train.progress": False}, "sweep")
-    return space_lib.with_values(base, params, f"sweep.space for {cfg.peft.method}")
+    return with_values(base, params, f"sweep.space for {cfg.peft.method}")
 
 
 def check_space(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -118,7 +104,7 @@ def _budget_left(study: optuna.Study, num_trials: int) -> bool:
 
 
 def _objective(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tag: str):
-    from peft_jax.train import loop
+    from peft_jax.train import classify
 
     space = space_lib.space_for(_sweep(cfg), cfg.peft.method)
 
@@ -136,12 +122,12 @@ def _objective(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tag: str):
             best["f1"] = max(best["f1"], float(val["macro_f1"]))
             trial.report(best["f1"], step)
             if trial.should_prune():
-                raise loop.StopTrial(step)
+                raise classify.StopTrial(step)
 
         t0 = time.time()
         try:
-            results = loop.train_and_evaluate(trial_config(cfg, params), trial_dir, on_eval=on_eval)
-        except loop.StopTrial as e:
+            results = classify.train_and_evaluate(trial_config(cfg, params), trial_dir, on_eval=on_eval)
+        except classify.StopTrial as e:
             print(f"{tag} trial {trial.number} pruned at step {e.args[0]} (best val macro-F1 {best['f1']:.4f})",
                   flush=True)
             raise optuna.TrialPruned() from None

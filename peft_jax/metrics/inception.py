@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peft_jax.data.images import IMAGE_SUFFIXES, read_rgb, signed_unit
 from peft_jax.models.inception import FEATURE_DIM, INPUT_SIZE, InceptionV3
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -90,22 +90,8 @@ def image_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
 
 
 def load_image(path: pathlib.Path, size: int = INPUT_SIZE) -> np.ndarray:
-    """One 8-bit image file as (size, size, 3) float32 in [-1, 1] (grey images repeated over RGB).
-
-    16-bit and float images (common for X-rays) are refused: PIL's conversion to RGB clips them
-    to 255, which would silently make them white.
-    """
-    from PIL import Image
-
-    from peft_jax.data.images import require_8bit
-
-    try:
-        with Image.open(path) as im:
-            require_8bit(im, path)  # FID's Inception reads 8-bit RGB
-            rgb = np.asarray(im.convert("RGB"), np.float32)
-    except OSError as e:  # PIL's UnidentifiedImageError included
-        raise ValueError(f"{path}: not a readable image ({e})") from e
-    return resize_bilinear(rgb, size) / 127.5 - 1.0
+    """One 8-bit image file as (size, size, 3) float32 in [-1, 1], resized as pytorch-fid does."""
+    return signed_unit(resize_bilinear(read_rgb(path), size))
 
 
 def folder_features(files: Sequence[pathlib.Path], features: Callable[[np.ndarray], np.ndarray], *,
@@ -129,3 +115,52 @@ def folder_features(files: Sequence[pathlib.Path], features: Callable[[np.ndarra
             out.append(features(images))
             bar.update(len(chunk))
     return np.concatenate(out)
+
+
+def open_source(source: str) -> tuple[np.ndarray, np.ndarray] | list[pathlib.Path]:
+    """A side of the FID, checked before any image is processed: its (mu, sigma) if a .npz, else its image files."""
+    from peft_jax.metrics.fid import load_statistics
+
+    path = pathlib.Path(source).expanduser()
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such statistics file")
+        return load_statistics(path)
+    files = image_files(path)
+    if len(files) < 2:
+        raise ValueError(f"{path}: FID needs at least 2 images, found {len(files)}")
+    return files
+
+
+def compare(args: Sequence[str], *, weights: str, batch_size: int = 32, save: str | None = None,
+            progress: bool = True) -> dict:
+    """launch/fid.py: the FID of ``args`` = (REAL, FAKE) image folders or statistics files, and/or REAL's
+    statistics saved to ``save``; returns the JSON record the command prints last."""
+    from peft_jax.metrics.fid import feature_statistics, frechet_distance, save_statistics
+    from peft_jax.models import from_pretrained
+
+    if save and not save.endswith(".npz"):
+        raise ValueError(f"--save_stats must name a .npz file, got {save}")
+    sources = [open_source(a) for a in args]
+    if save and isinstance(sources[0], tuple):
+        raise ValueError(f"--save_stats needs REAL to be an image folder, not statistics ({args[0]})")
+    used_weights = weights if any(isinstance(s, list) for s in sources) else None  # statistics need no network
+    features = inception_features(from_pretrained("inception_v3_fid", weights), batch_size) if used_weights else None
+    stats, counts = [], []
+    for arg, source in zip(args, sources):
+        if isinstance(source, tuple):
+            stats.append(source)
+            counts.append(None)
+            continue
+        feats = folder_features(source, features, batch_size=batch_size, progress=progress,
+                                desc=pathlib.Path(arg).name or arg)
+        stats.append(feature_statistics(feats))
+        counts.append(len(source))
+    if save:
+        save_statistics(save, *stats[0], counts[0])
+        print(f"saved the statistics of {counts[0]} images of {args[0]} to {save}", file=sys.stderr)
+        if len(args) == 1:
+            return {"saved_stats": save, "real": args[0], "num_real": counts[0], "weights": used_weights}
+    value = frechet_distance(*stats[0], *stats[1])
+    return {"fid": value, "real": args[0], "fake": args[1], "num_real": counts[0], "num_fake": counts[1],
+            "weights": used_weights}

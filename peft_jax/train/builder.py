@@ -11,8 +11,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from peft_jax.adapters import apply_peft, trainable_filter
-from peft_jax.adapters.core import Filter, path_str
-from peft_jax.adapters.io import ADAPTER_FILE, read_adapter_config, state_hash
+from peft_jax.adapters.core import Filter
+from peft_jax.adapters.io import ADAPTER_FILE, put_arrays, read_adapter_config, state_hash
 from peft_jax.models import RESNET_NAMES, create_model, from_pretrained
 
 
@@ -49,21 +49,12 @@ def load_native(model: nnx.Module, directory: pathlib.Path, num_classes: int) ->
         raise ValueError(f"{directory} holds a {meta['peft']['method']!r} adapter; only a 'full' run's folder is a "
                          "complete set of weights to start from")
     arrays = load_file(str(directory / ADAPTER_FILE))
+    fresh = set()
     for prefix, filt in (("params/", nnx.Param), ("state/", nnx.BatchStat)):
-        state = nnx.state(model, filt)
-        for path, var in nnx.to_flat_state(state):
-            key = prefix + path_str(path)
-            if path[0] == "head" and (key not in arrays or arrays[key].shape != var.get_value().shape):
-                continue
-            if key not in arrays:
-                raise ValueError(f"{directory}: checkpoint has no {key!r}: built for another architecture?")
-            if arrays[key].shape != var.get_value().shape:
-                raise ValueError(f"{directory}: {key} has shape {arrays[key].shape}, the model expects "
-                                 f"{var.get_value().shape}")
-            var.set_value(jax.numpy.asarray(arrays[key]))
-        nnx.update(model, state)
-    head_kept = arrays.get("params/head/kernel") is not None and arrays["params/head/kernel"].shape[-1] == num_classes
-    if not head_kept:
+        got = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        fresh |= put_arrays(model, filt, got, f"{directory} (a {meta['model'].get('name')} run)",
+                            may_differ=lambda key: key.startswith("head/"))
+    if fresh:
         print(f"[init] {directory}: head re-initialised for {num_classes} classes")
 
 

@@ -1,8 +1,8 @@
 """The jitted, sharded train and eval steps.
 
-Pure functions over state pytrees: the graph definition is closed over, and the
-trainable, frozen and other (BatchNorm statistics) states come in as arguments with
-explicit shardings. Gradients are taken with respect to the trainable state only, so
+Pure functions over the state pytrees of a ``TrainState``: the graph definition is closed
+over, and the trainable, frozen and other (BatchNorm statistics) states come in as
+arguments with explicit shardings. Gradients are taken with respect to the trainable state only, so
 no frozen weight is ever differentiated and XLA drops the backward work it would need.
 """
 from __future__ import annotations
@@ -12,35 +12,12 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from peft_jax import sharding as shd
-from peft_jax.adapters.core import Filter
-
-
-@dataclasses.dataclass
-class Split:
-    """A model split by the trainable filter: graph definitions for both modes and three states."""
-
-    graph_train: nnx.GraphDef
-    graph_eval: nnx.GraphDef
-    trainable: nnx.State
-    frozen: nnx.State
-    rest: nnx.State  # BatchNorm statistics and other non-parameter state
-
-
-def split_model(model: nnx.Module, trainable: Filter, *, freeze_bn_stats: bool = False) -> Split:
-    model.eval()
-    graph_eval, *_ = nnx.split(model, trainable, nnx.Param, ...)
-    model.train()
-    if freeze_bn_stats:  # PEFT on a pretrained CNN: keep the running statistics as they are
-        for _, m in nnx.iter_modules(model):
-            if isinstance(m, nnx.BatchNorm):
-                m.use_running_average = True
-    graph_train, trainable_state, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
-    return Split(graph_train, graph_eval, trainable_state, frozen, rest)
+from peft_jax.train.state import TrainState
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
@@ -92,32 +69,23 @@ def eval_step_fn(graph: nnx.GraphDef) -> Callable:
 
 @dataclasses.dataclass
 class Steps:
-    train: Callable
-    eval: Callable
-    shardings: dict
-    batch_sharding: NamedSharding
+    train: Callable  # (trainable, frozen, rest, opt_state, batch) -> (trainable, rest, opt_state, metrics)
+    eval: Callable  # (trainable, frozen, rest, images) -> logits
 
 
-def compile_steps(split: Split, tx: optax.GradientTransformation, opt_state_shape, mesh, *,
-                  min_shard_size: int, label_smoothing: float, skip_nonfinite: bool = False) -> Steps:
-    """jit with explicit in/out shardings and donated state buffers."""
-    sh = {
-        "trainable": shd.tree_shardings(split.trainable, mesh, min_shard_size),
-        "frozen": shd.tree_shardings(split.frozen, mesh, min_shard_size),
-        "rest": shd.tree_shardings(split.rest, mesh, min_shard_size),
-        "opt_state": shd.tree_shardings(opt_state_shape, mesh, min_shard_size),
-    }
-    batch_sh = shd.batch_sharding(mesh)
-    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+def compile_steps(state: TrainState, train_cfg: ml_collections.ConfigDict) -> Steps:
+    """The classification steps of ``state``, jitted with its shardings and donated state buffers."""
+    sh, batch_sh = state.shardings, state.batch_sharding
+    replicated = NamedSharding(state.mesh, jax.sharding.PartitionSpec())
     train = jax.jit(
-        train_step_fn(split.graph_train, tx, label_smoothing, skip_nonfinite),
+        train_step_fn(state.graph_train, state.tx, train_cfg.label_smoothing, train_cfg.get("skip_nonfinite", False)),
         in_shardings=(sh["trainable"], sh["frozen"], sh["rest"], sh["opt_state"], {"image": batch_sh, "label": batch_sh}),
         out_shardings=(sh["trainable"], sh["rest"], sh["opt_state"], replicated),
         donate_argnums=(0, 2, 3),
     )
     evaluate = jax.jit(
-        eval_step_fn(split.graph_eval),
+        eval_step_fn(state.graph_eval),
         in_shardings=(sh["trainable"], sh["frozen"], sh["rest"], batch_sh),
         out_shardings=replicated,
     )
-    return Steps(train, evaluate, sh, batch_sh)
+    return Steps(train, evaluate)

@@ -1,4 +1,4 @@
-"""The benchmark grid: methods x models x datasets x data fractions x seeds, as in Dutt et al.
+"""The paper's experiment grid (the ``benchmark`` section of a config): methods x models x datasets x data fractions x seeds, as in Dutt et al.
 
 Each cell (model, dataset, method, fraction) takes its hyper-parameters from a sweep (ASHA,
 ``benchmark.search="sweep"``) or from the config (``"fixed"``), then trains one final run per
@@ -16,8 +16,8 @@ from typing import Any
 
 import ml_collections
 
+from peft_jax.config import with_values
 from peft_jax.hpo import space as space_lib
-from peft_jax.hpo import sweep as sweep_lib
 
 SCRATCH = "scratch"  # pseudo-method: full training from random weights (no pre-training, no init.checkpoint)
 
@@ -119,12 +119,12 @@ def cell_config(cfg: ml_collections.ConfigDict, cell: Cell, init: str | None) ->
         values["init.checkpoint"] = None
     elif init:
         values["init.checkpoint"] = init
-    return space_lib.with_values(cfg, values, f"benchmark cell {cell.path}")
+    return with_values(cfg, values, f"benchmark cell {cell.path}")
 
 
 def pretrain(cfg: ml_collections.ConfigDict, model: str, workdir: pathlib.Path) -> str | None:
     """Pre-trains ``model`` once (full training on ``benchmark.pretrain_dataset``); returns its adapter folder."""
-    from peft_jax.train import loop
+    from peft_jax.train import classify
 
     b = _bench(cfg)
     if not b.pretrain_dataset:
@@ -139,8 +139,8 @@ def pretrain(cfg: ml_collections.ConfigDict, model: str, workdir: pathlib.Path) 
     run_dir = workdir / "pretrain" / model
     if not (run_dir / "results.json").is_file():
         print(f"[benchmark] pre-training {model} on {b.pretrain_dataset} ({steps} steps)", flush=True)
-        pre = space_lib.run_config(space_lib.with_values(cfg, values, "benchmark pre-training"))
-        result = loop.train_and_evaluate(pre, run_dir)
+        pre = space_lib.run_config(with_values(cfg, values, "benchmark pre-training"))
+        result = classify.train_and_evaluate(pre, run_dir)
         print(f"[benchmark]   {b.pretrain_dataset} test macro-F1 {result['test']['macro_f1']:.3f}", flush=True)
     return str(run_dir / "adapter")
 
@@ -153,14 +153,16 @@ def _hyper_parameters(cfg: ml_collections.ConfigDict, cell_cfg: ml_collections.C
     summary_path = cell_dir / "sweep" / "sweep_results.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     if summary is None or summary["best_params"] is None:
-        seed0 = space_lib.with_values(cell_cfg, {"seed": seeds(cfg)[0]}, "benchmark")
+        seed0 = with_values(cell_cfg, {"seed": seeds(cfg)[0]}, "benchmark")
+        from peft_jax.hpo import sweep as sweep_lib  # optuna: only a searched grid needs it
+
         summary = sweep_lib.run_sweep(seed0, cell_dir / "sweep", workers=workers)
     return summary["best_params"]
 
 
-def run_benchmark(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, workers: int = 1) -> list[dict]:
+def run_grid(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, workers: int = 1) -> list[dict]:
     """Runs (or resumes) every cell; returns one record per final run (failed runs carry an ``error``)."""
-    from peft_jax.train import loop
+    from peft_jax.train import classify
 
     workdir = pathlib.Path(workdir)
     grid = cells(cfg)
@@ -192,10 +194,10 @@ def run_benchmark(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, w
             if done_now:
                 eta = f", about {(time.time() - t0) / done_now * (total - n + 1) / 60:.0f} min left"
             print(f"[benchmark] run {n}/{total}: {cell.describe()}, seed {seed}{eta}", flush=True)
-            run_cfg = space_lib.run_config(space_lib.with_values(cell_cfg, {**params, "seed": seed}, "benchmark"))
+            run_cfg = space_lib.run_config(with_values(cell_cfg, {**params, "seed": seed}, "benchmark"))
             start = time.time()
             try:
-                result = loop.train_and_evaluate(run_cfg, run_dir)
+                result = classify.train_and_evaluate(run_cfg, run_dir)
             except Exception as e:  # one broken run must not end a long benchmark; it is listed in the report
                 record["error"] = f"{type(e).__name__}: {e}"[:500]
                 print(f"[benchmark]   failed: {record['error']}", flush=True)
@@ -211,7 +213,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, w
 
 def dry_run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[dict]:
     """Builds, shards and compiles one train step for each (model, method) of the grid; trains nothing."""
-    from peft_jax.train import loop
+    from peft_jax.train import classify
 
     workdir = pathlib.Path(workdir)
     out = []
@@ -222,7 +224,7 @@ def dry_run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list
         seen.add((cell.model, cell.method))
         run_cfg = space_lib.run_config(cell_config(cfg, cell, None))
         t = time.time()
-        result = loop.dry_run(run_cfg, workdir / "dry_run" / cell.model / cell.method)
+        result = classify.dry_run(run_cfg, workdir / "dry_run" / cell.model / cell.method)
         print(f"[dry run] {cell.model} {cell.method}: {result['trainable_params']:,} trainable "
               f"({result['trainable_percent']:.3f}%), compiled in {time.time() - t:.0f} s", flush=True)
         out.append({"model": cell.model, "method": cell.method, **result})

@@ -1,0 +1,92 @@
+"""Helpers for tests and benchmarks that compare peft_jax with its references.
+
+Plain functions, not pytest fixtures: the test suite calls them with different arguments at
+each call site, and benchmarks and a user's own parity checks can import them too. PyTorch,
+diffusers and transformers (the test extra) are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+from collections.abc import Callable
+
+import numpy as np
+
+
+def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """(n, size, size, 3) float32 standard-normal "images" (already normalised inputs)."""
+    return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
+
+
+def randomize_torch(model, std: float, seed: int = 0):
+    """A torch reference model with random weights everywhere, norms around 1 and random BatchNorm
+    statistics, so that a swapped or skipped tensor in a converter changes the logits; in eval mode."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=g) * 0.2)
+                mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def tiny_sd_pipeline(root: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """A tiny Stable Diffusion pipeline folder in the diffusers layout, random weights: a one-level U-Net on
+    16x16 latents, a VAE downsampling by 2, a CLIP text encoder of width 32, a byte-level tokenizer."""
+    import diffusers
+    import torch
+    import transformers
+    from tokenizers import pre_tokenizers
+
+    torch.manual_seed(seed)
+    diffusers.UNet2DConditionModel(  # one level: attention in the down, mid and up blocks, little to compile
+        sample_size=16, block_out_channels=(32,), layers_per_block=1, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        attention_head_dim=4, norm_num_groups=8).save_pretrained(root / "unet")
+    diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                            layers_per_block=1).save_pretrained(root / "vae")
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=77)).save_pretrained(root / "text_encoder")
+    diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                            steps_offset=1).save_pretrained(root / "scheduler")
+    tok = root / "tokenizer"
+    tok.mkdir()
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+    (tok / "vocab.json").write_text(json.dumps(vocab))
+    (tok / "merges.txt").write_text("#version: 0.2\n")
+    return root
+
+
+def write_random_images(paths: list[pathlib.Path], fmt: str) -> None:
+    """Stand-ins for release images that a test's data folder does not hold: small random pictures."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(path, format=fmt)
+
+
+def csv_subset(src: pathlib.Path, dst: pathlib.Path, keep: Callable[[dict], bool]) -> list[dict]:
+    """Writes the header and the rows of the real CSV ``src`` for which ``keep(row)`` is true; returns the rows."""
+    with open(src, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if keep(r)]
+        fields = reader.fieldnames
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
