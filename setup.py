@@ -37,7 +37,7 @@ EXTRAS = {
         "peft==0.21.2",
         "tokenizers==0.23.3",
     ],
-    "hpo": ["optuna==5.0.0"],
+    "hpo": ["optuna==5.0.0", "scipy==1.17.1"],  # scipy: the report's rank correlations
     "gpu": ["jax[cuda13]==0.10.2"],
     "fid_reference": ["torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0"],
 }

@@ -1,5 +1,6 @@
 """The benchmark driver: a grid of two tiny cells on BreastMNIST, its CSV, report and plots."""
 import csv
+import json
 import pathlib
 import runpy
 
@@ -81,3 +82,23 @@ def test_bad_grid_is_an_error_naming_the_field():
                                           seeds="0", overrides={"lora": "train.lr=log(1e-4, 1e-2)"})
     with pytest.raises(ValueError, match="benchmark.overrides.lora"):
         benchmark.cell_config(cfg, benchmark.cells(cfg)[0], None)
+
+
+def test_one_sweep_per_method_serves_every_fraction_with_epoch_budgets(shared_data, tmp_path):
+    cfg = hpo.with_values(base_config(), {
+        "model.name": "vit_ti16", "model.image_size": 28, "model.patch_size": 4, "model.depth": 1,
+        "train.batch_size": 16, "train.progress": False})
+    cfg.benchmark = hpo.benchmark_section(methods="linear", models="vit_ti16", datasets="breastmnist",
+                                          fractions="0.05,0.1", seeds="0")
+    cfg.benchmark.update(search="sweep", sweep_fraction="0.1", epochs=1.0, min_steps=8, evals_per_run=2)
+    cfg.sweep = hpo.sweep_section(num_trials=2, space={"common": "train.lr=log(1e-3, 1e-1)"})
+    cfg.lock()
+    records = benchmark.run_benchmark(cfg, tmp_path / "work")
+    runs = tmp_path / "work" / "runs" / "vit_ti16" / "breastmnist" / "linear"
+    assert sorted(p.name for p in runs.iterdir()) == ["frac0.05", "frac0.1"]
+    assert (runs / "frac0.1" / "sweep" / "sweep_results.json").is_file()
+    assert not (runs / "frac0.05" / "sweep").exists()  # the 5% cell reuses the 10% sweep
+    assert records[0]["hparams"] == records[1]["hparams"] and "train.lr" in records[0]["hparams"]
+    steps = [json.loads((r["run_dir"] / "results.json").read_text())["steps_run"] for r in records]
+    assert steps == [8, 8]  # 1 epoch of 27 or 55 images at batch 16 is under min_steps
+    assert all((r["run_dir"] / "test_predictions.npz").is_file() for r in records)

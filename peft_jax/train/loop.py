@@ -133,7 +133,8 @@ class Checkpoints:
 
 
 def evaluate(steps: step_lib.Steps, state: dict, split: data_lib.Split, cfg: ml_collections.ConfigDict,
-             num_devices: int) -> tuple[dict, np.ndarray]:
+             num_devices: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """Metrics of one split, and its per-image labels and logits (the test's are kept for paired statistics)."""
     bs = int(math.ceil(cfg.train.eval_batch_size / num_devices) * num_devices)
     logits, labels = [], []
     for batch in data_lib.eval_batches(split, batch_size=bs, image_size=_model_size(cfg)):
@@ -145,7 +146,7 @@ def evaluate(steps: step_lib.Steps, state: dict, split: data_lib.Split, cfg: ml_
     result = metrics_lib.classification_metrics(labels_np, logits_np)
     if split.subgroups:
         result["subgroups"] = metrics_lib.subgroup_metrics(labels_np, logits_np, split.subgroups)
-    return result, logits_np
+    return result, {"labels": labels_np, "logits": logits_np}
 
 
 def _check_config(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -295,7 +296,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     # Test the best checkpoint.
     best, best_meta = Checkpoints.restore(ckpts.best, {k: state[k] for k in saved})
     state.update({k: jax.device_put(best[k], steps.shardings[k]) for k in ("trainable", "rest")})
-    test, _ = evaluate(steps, state, data.test, cfg, num_devices)
+    test, test_outputs = evaluate(steps, state, data.test, cfg, num_devices)
     if writer:
         for k in ("macro_f1", "accuracy", "balanced_accuracy", "auroc", "ece"):
             writer.add_scalar(f"test/{k}", test[k], best_meta["best_step"])
@@ -325,6 +326,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
         nnx.update(built.model, state["trainable"], state["rest"])
         save_adapter(workdir / "adapter", built.model, built.trainable, config=cfg, base_hash=built.base_hash,
                      extra={"class_names": list(data.class_names), "dataset": cfg.dataset.name})
+        with (workdir / "test_predictions.tmp.npz").open("wb") as f:  # before results.json: a finished run has both
+            np.savez(f, **test_outputs)
+        (workdir / "test_predictions.tmp.npz").rename(workdir / "test_predictions.npz")
         tmp = workdir / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
         tmp.rename(workdir / "results.json")
