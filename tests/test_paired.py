@@ -9,23 +9,24 @@ pytest.importorskip("optuna", reason="the hpo extra: pip install -e '.[hpo]'")
 from peft_jax import hpo  # noqa: E402
 from peft_jax.config import base_config  # noqa: E402
 from peft_jax.hpo import benchmark, findings, paired  # noqa: E402
+from peft_jax.train import metrics as metrics_lib  # noqa: E402
 
 
-def test_macro_f1_equals_sklearn_and_counts_absent_classes_as_zero():
+def test_macro_f1_equals_the_results_score_and_sklearn():
     rng = np.random.default_rng(0)
     labels, preds = rng.integers(0, 4, 300), rng.integers(0, 3, 300)  # class 3 is never predicted
-    want = f1_score(labels, preds, average="macro", labels=range(4), zero_division=0)
-    assert paired.macro_f1(labels, preds, 4) == pytest.approx(want, abs=1e-12)
+    want = f1_score(labels, preds, average="macro", zero_division=0)
+    assert paired.macro_f1(labels, preds, 5) == pytest.approx(want, abs=1e-12)  # class 4: absent, not counted
+    assert paired.macro_f1(labels, preds, 5) == pytest.approx(metrics_lib.macro_f1(labels, preds, 5), abs=1e-12)
     weights = np.stack([np.bincount(rng.integers(0, 300, 300), minlength=300) for _ in range(3)]).astype(float)
     for w, got in zip(weights, paired.macro_f1(labels, preds, 4, weights)):
         idx = np.repeat(np.arange(300), w.astype(int))
-        assert got == pytest.approx(f1_score(labels[idx], preds[idx], average="macro", labels=range(4),
-                                             zero_division=0), abs=1e-12)
+        assert got == pytest.approx(f1_score(labels[idx], preds[idx], average="macro", zero_division=0), abs=1e-12)
 
 
 def test_majority_baseline():
     labels = np.array([0] * 30 + [1] * 10)
-    base = paired.majority_baseline(labels, 2)
+    base = metrics_lib.majority_baseline(labels, 2)
     assert base["accuracy"] == 0.75
     assert base["macro_f1"] == pytest.approx((2 * 30 / (30 + 40)) / 2)  # F1 of class 0 = 2*30/(30+40); class 1: 0
 

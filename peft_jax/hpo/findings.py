@@ -13,6 +13,7 @@ from collections import defaultdict
 import numpy as np
 
 from peft_jax.hpo import paired
+from peft_jax.train import metrics as metrics_lib
 
 NOT_PEFT = ("full", "scratch")
 
@@ -57,7 +58,7 @@ def majority_table(runs: dict) -> str:
         seen.add(dataset)
         row = next(iter(by_seed.values()))
         k = _num_classes(row)
-        base = paired.majority_baseline(row["labels"], k)
+        base = metrics_lib.majority_baseline(row["labels"], k)
         lines.append(f"| {dataset} | {len(row['labels'])} | {k} | {base['macro_f1']:.3f} | {base['accuracy']:.3f} |")
     return "\n".join(lines)
 

@@ -25,24 +25,18 @@ def load_predictions(run_dir: str | pathlib.Path) -> tuple[np.ndarray, np.ndarra
 def macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
     """Macro-F1 of one prediction vector, or of many bootstrap replicates at once.
 
-    ``weights`` (replicates x images) counts how often each image was drawn; a class that is
-    neither present nor predicted counts as 0, as scikit-learn's ``zero_division=0`` does.
+    ``weights`` (replicates x images) counts how often each image was drawn. As in
+    ``peft_jax.train.metrics.macro_f1`` (the score in results.json), the mean runs over the
+    classes present in the (drawn) labels or predictions.
     """
     w = np.ones((1, len(labels))) if weights is None else weights
     tp = np.stack([w @ ((labels == c) & (preds == c)) for c in range(num_classes)], -1)
     true = np.stack([w @ (labels == c) for c in range(num_classes)], -1)
     predicted = np.stack([w @ (preds == c) for c in range(num_classes)], -1)
-    denom = true + predicted
-    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-12), 0.0)
-    out = f1.mean(-1)
+    present = (true + predicted) > 0
+    f1 = np.where(present, 2 * tp / np.maximum(true + predicted, 1e-12), 0.0)
+    out = f1.sum(-1) / np.maximum(present.sum(-1), 1)
     return out[0] if weights is None else out
-
-
-def majority_baseline(labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Test scores of always predicting the most frequent test class (the floor every table should beat)."""
-    majority = int(np.bincount(labels, minlength=num_classes).argmax())
-    preds = np.full_like(labels, majority)
-    return {"macro_f1": float(macro_f1(labels, preds, num_classes)), "accuracy": float(np.mean(labels == majority))}
 
 
 def paired_difference(labels: np.ndarray, preds_a: list[np.ndarray], preds_b: list[np.ndarray], num_classes: int,
