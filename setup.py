@@ -36,7 +36,7 @@ EXTRAS = {
         "peft==0.21.2",
         "tokenizers==0.23.3",
     ],
-    "hpo": ["optuna==5.0.0"],
+    "hpo": ["optuna==5.0.0", "scipy==1.17.1"],  # scipy: the report's rank correlations
     "gpu": ["jax[cuda13]==0.10.2"],
     # pytorch-fid, the FID reference (not needed by the tests). Its torchvision 0.29.1 requires and
     # installs torch 2.14.1 (a CUDA build): torchvision 0.28.0, the one made for torch 2.13.0, fails

@@ -1,29 +1,38 @@
-"""The benchmark driver: a grid of two tiny cells on BreastMNIST, its CSV, report and plots."""
+"""The paper's experiment grid (peft_jax/hpo/grid.py): two tiny cells on BreastMNIST, its CSV, report and plots;
+a grid with fixed hyper-parameters needs no optuna, a searched one does."""
 import csv
+import json
 import pathlib
 import runpy
 
+import numpy as np
 import pytest
 
-pytest.importorskip("optuna", reason="the hpo extra: pip install -e '.[hpo]'")
-from peft_jax import hpo  # noqa: E402
-from peft_jax.config import base_config  # noqa: E402
-from peft_jax.hpo import benchmark, report  # noqa: E402
-from peft_jax.hpo import sweep as sweep_lib  # noqa: E402
+from peft_jax import hpo
+from peft_jax.config import base_config, with_values
+from peft_jax.hpo import grid, report
+from peft_jax.metrics import classification
+
+
+def _sweep_lib():
+    pytest.importorskip("optuna", reason="the hpo extra: pip install -e '.[hpo]'")
+    from peft_jax.hpo import sweep
+
+    return sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_two_cell_grid_writes_csv_report_and_plots(shared_data, tmp_path, capsys):
-    cfg = hpo.with_values(base_config(), {
+    cfg = with_values(base_config(), {
         "model.name": "vit_ti16", "model.image_size": 28, "model.patch_size": 4, "model.depth": 1,
         "train.batch_size": 16, "train.num_steps": 10, "train.eval_every": 5, "train.warmup_steps": 2,
         "train.progress": False})
     cfg.benchmark = hpo.benchmark_section(methods="linear,full", models="vit_ti16", datasets="breastmnist",
                                           fractions="0.5", seeds="0", overrides={"linear": "train.lr=1e-2"})
     cfg.lock()
-    records = benchmark.run_benchmark(cfg, tmp_path / "work")
+    records = grid.run_grid(cfg, tmp_path / "work")
     out = tmp_path / "report"
     summary = report.write_all(records, out, "python launch/benchmark.py ...", str(cfg))
 
@@ -32,7 +41,12 @@ def test_two_cell_grid_writes_csv_report_and_plots(shared_data, tmp_path, capsys
     assert [r["method"] for r in rows] == ["linear", "full"]
     assert rows[0]["trainable_params"] == str(192 * 2 + 2)  # the head of ViT-Ti for 2 classes
     assert rows[0]["hparams"] == "{}" and float(rows[0]["data_fraction"]) == 0.5
-    assert all(float(r["wall_seconds"]) > 0 and 0 <= float(r["test_macro_f1"]) <= 1 for r in rows)
+    assert all(float(r["wall_seconds"]) > 0 for r in rows)
+    for row, record in zip(rows, records):  # the CSV's score is the run's, recomputed from its test predictions
+        saved = np.load(record["run_dir"] / "test_predictions.npz")
+        expected = classification.classification_metrics(saved["labels"], saved["logits"])["macro_f1"]
+        assert float(row["test_macro_f1"]) == pytest.approx(expected, abs=1e-6)
+        assert len(saved["labels"]) == 156  # BreastMNIST's test split
     text = (out / "report.md").read_text()
     assert "### vit_ti16, 50% of the training labels" in text
     assert "| method | trainable % | breastmnist | mean | Δ vs full |" in text
@@ -42,12 +56,12 @@ def test_two_cell_grid_writes_csv_report_and_plots(shared_data, tmp_path, capsys
 
     # Rerunning resumes: the finished runs are read back, nothing trains again.
     capsys.readouterr()
-    again = benchmark.run_benchmark(cfg, tmp_path / "work")
+    again = grid.run_grid(cfg, tmp_path / "work")
     assert len(again) == 2 and "run 1/2" not in capsys.readouterr().out
 
 
 def test_fairness_table_from_subgroups():
-    cell = benchmark.Cell("vit_b16", "ham10000", "lora", 1.0)
+    cell = grid.Cell("vit_b16", "ham10000", "lora", 1.0)
     rows = [{"model": "vit_b16", "dataset": "ham10000", "method": "lora", "data_fraction": 1.0,
              "subgroups": {"sex": {"groups": {"female": {"macro_f1": f}, "male": {"macro_f1": m}}, "gap": abs(f - m)}}}
             for f, m in ((0.8, 0.7), (0.6, 0.7))]
@@ -60,14 +74,14 @@ def test_fairness_table_from_subgroups():
 def test_benchmark_configs_make_valid_cells(name):
     cfg = runpy.run_path(str(ROOT / "configs" / "benchmark" / f"{name}.py"))["get_config"]()
     cfg.lock()
-    grid = benchmark.cells(cfg)
-    assert grid and benchmark.seeds(cfg)
+    cells = grid.cells(cfg)
+    assert cells and grid.seeds(cfg)
     checked = set()
-    for cell in grid:
-        c = benchmark.cell_config(cfg, cell, None)
+    for cell in cells:
+        c = grid.cell_config(cfg, cell, None)
         assert c.peft.method in (cell.method, "full") and c.dataset.fraction == cell.fraction
         if cfg.benchmark.search == "sweep" and cell.method not in checked:  # every key of the space exists
-            sweep_lib.check_space(c)
+            _sweep_lib().check_space(c)
             checked.add(cell.method)
 
 
@@ -76,8 +90,29 @@ def test_bad_grid_is_an_error_naming_the_field():
     cfg.benchmark = hpo.benchmark_section(methods="lora", models="vit_ti16", datasets="breastmnist",
                                           fractions="ten percent", seeds="0")
     with pytest.raises(ValueError, match="benchmark.fractions"):
-        benchmark.cells(cfg)
+        grid.cells(cfg)
     cfg.benchmark = hpo.benchmark_section(methods="lora", models="vit_ti16", datasets="breastmnist", fractions="0.1",
                                           seeds="0", overrides={"lora": "train.lr=log(1e-4, 1e-2)"})
     with pytest.raises(ValueError, match="benchmark.overrides.lora"):
-        benchmark.cell_config(cfg, benchmark.cells(cfg)[0], None)
+        grid.cell_config(cfg, grid.cells(cfg)[0], None)
+
+
+def test_one_sweep_per_method_serves_every_fraction_with_epoch_budgets(shared_data, tmp_path):
+    _sweep_lib()
+    cfg = with_values(base_config(), {
+        "model.name": "vit_ti16", "model.image_size": 28, "model.patch_size": 4, "model.depth": 1,
+        "train.batch_size": 16, "train.progress": False})
+    cfg.benchmark = hpo.benchmark_section(methods="linear", models="vit_ti16", datasets="breastmnist",
+                                          fractions="0.05,0.1", seeds="0")
+    cfg.benchmark.update(search="sweep", sweep_fraction="0.1", epochs=1.0, min_steps=8, evals_per_run=2)
+    cfg.sweep = hpo.sweep_section(num_trials=2, space={"common": "train.lr=log(1e-3, 1e-1)"})
+    cfg.lock()
+    records = grid.run_grid(cfg, tmp_path / "work")
+    runs = tmp_path / "work" / "runs" / "vit_ti16" / "breastmnist" / "linear"
+    assert sorted(p.name for p in runs.iterdir()) == ["frac0.05", "frac0.1"]
+    assert (runs / "frac0.1" / "sweep" / "sweep_results.json").is_file()
+    assert not (runs / "frac0.05" / "sweep").exists()  # the 5% cell reuses the 10% sweep
+    assert records[0]["hparams"] == records[1]["hparams"] and "train.lr" in records[0]["hparams"]
+    steps = [json.loads((r["run_dir"] / "results.json").read_text())["steps_run"] for r in records]
+    assert steps == [8, 8]  # 1 epoch of 27 or 55 images at batch 16 is under min_steps
+    assert all((r["run_dir"] / "test_predictions.npz").is_file() for r in records)

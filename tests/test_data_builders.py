@@ -118,9 +118,21 @@ def test_chest_xray_three_class_config(kermany_manual, tmp_path):
     assert tuple(counts) == (50, 25, 25)
 
 
-def test_chest_xray_missing_test_folder(shared_data, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"(?s)test/NORMAL is missing.*chest_xray/\{train,test\}"):
-        data.load_dataset(_cfg("chest_xray_pneumonia", shared_data / "chest_xray", tmp_path / "tfds"), seed=0)
+def test_chest_xray_train_only_copy_carves_a_patient_grouped_test_split(shared_data, tmp_path, capsys):
+    """A copy without test/ (as the shared full-resolution set) gets train / validation / test from train."""
+    ds = data.load_dataset(_cfg("chest_xray_pneumonia", shared_data / "chest_xray", tmp_path / "tfds"), seed=0)
+    assert "has no test/ folder; the test split is carved from train" in capsys.readouterr().out
+    assert len(ds.train) + len(ds.validation) + len(ds.test) == 100
+    assert 5 <= len(ds.test) <= 15 and set(ds.test.labels.tolist()) == {0, 1}
+    builder = tfds_loader.make_builder("chest_xray_pneumonia", data_dir=tmp_path / "tfds")
+    train, val, test = (_groups(builder, s) for s in ("train", "validation", "test"))
+    assert not (train & test) and not (val & test) and not (train & val)
+
+
+def test_chest_xray_missing_train_folder(tmp_path):
+    (tmp_path / "chest_xray" / "test" / "NORMAL").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"(?s)'train' not found in the manual directory.*chest_xray/\{train,test\}"):
+        data.load_dataset(_cfg("chest_xray_pneumonia", tmp_path, tmp_path / "tfds"), seed=0)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ optuna = pytest.importorskip("optuna", reason="the hpo extra: pip install -e '.[
 from optuna.trial import TrialState  # noqa: E402
 
 from peft_jax import hpo  # noqa: E402
-from peft_jax.config import base_config  # noqa: E402
+from peft_jax.config import base_config, with_values  # noqa: E402
 from peft_jax.hpo import space as space_lib  # noqa: E402
 from peft_jax.hpo import sweep as sweep_lib  # noqa: E402
 
@@ -18,7 +18,7 @@ TINY = {"model.name": "vit_ti16", "model.image_size": 28, "model.patch_size": 4,
 
 
 def tiny_sweep_config(num_trials: int, space: str):
-    cfg = hpo.with_values(base_config(), TINY)
+    cfg = with_values(base_config(), TINY)
     cfg.sweep = hpo.sweep_section(num_trials=num_trials, min_resource=5, max_resource=10, space={"common": space})
     cfg.lock()
     return cfg
@@ -28,10 +28,10 @@ def test_sweep_prunes_trials_that_fall_behind(shared_data, tmp_path):
     # lr=0 leaves the random model predicting the minority class (macro-F1 0.21 at step 5); lr=1e-3 reaches the
     # majority-class 0.42 or better, so ASHA's first rung (step 5, keep the best 1/4) stops the lr=0 trials.
     cfg = tiny_sweep_config(3, "train.lr=choice(0.001, 0.0)")
-    study = hpo.open_study(cfg, tmp_path)
+    study = sweep_lib.open_study(cfg, tmp_path)
     for lr in (1e-3, 0.0, 0.0):
         study.enqueue_trial({"train.lr": lr})
-    summary = hpo.run_sweep(cfg, tmp_path, workers=1)
+    summary = sweep_lib.run_sweep(cfg, tmp_path, workers=1)
 
     assert summary["trials"]["finished"] == 1 and summary["trials"]["pruned"] == 2, summary["all_trials"]
     pruned = [t for t in summary["all_trials"] if t["state"] == "PRUNED"]
@@ -45,11 +45,11 @@ def test_sweep_prunes_trials_that_fall_behind(shared_data, tmp_path):
 
 def test_two_workers_share_one_study_and_a_failing_trial_does_not_stop_it(shared_data, tmp_path):
     cfg = tiny_sweep_config(3, "train.lr=log(1e-4, 1e-2); peft.method=choice(full, no_such_method)")
-    study = hpo.open_study(cfg, tmp_path)
+    study = sweep_lib.open_study(cfg, tmp_path)
     study.enqueue_trial({"peft.method": "no_such_method"})  # fails while building the model
     for _ in range(2):
         study.enqueue_trial({"peft.method": "full"})
-    summary = hpo.run_sweep(cfg, tmp_path, workers=2)
+    summary = sweep_lib.run_sweep(cfg, tmp_path, workers=2)
 
     trials = study.get_trials()
     assert summary["trials"] == {"finished": 2, "pruned": 0, "failed": 1, "running": 0, "waiting": 0,
@@ -62,7 +62,7 @@ def test_two_workers_share_one_study_and_a_failing_trial_does_not_stop_it(shared
 
 def test_interrupted_trials_are_retried_in_their_own_folder(tmp_path):
     cfg = tiny_sweep_config(2, "train.lr=log(1e-4, 1e-2)")
-    study = hpo.open_study(cfg, tmp_path)
+    study = sweep_lib.open_study(cfg, tmp_path)
     dead = subprocess.Popen(["true"])
     dead.wait()
     trial = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
@@ -93,7 +93,7 @@ def test_spec_parsing_and_errors():
     sweep = hpo.sweep_section(space={"common": "train.lr=log(1e-4, 1e-1)", "lora": "peft.rank=choice(4, 8)"})
     assert set(hpo.space_for(sweep, "lora+bitfit")) == {"train.lr", "peft.rank"}
     with pytest.raises(ValueError, match="Did you mean: train.lr"):
-        hpo.with_values(base_config(), {"train.lrr": 1.0})
+        with_values(base_config(), {"train.lrr": 1.0})
     with pytest.raises(ValueError, match="wrong type"):
-        hpo.with_values(base_config(), {"peft.rank": "eight"})
+        with_values(base_config(), {"peft.rank": "eight"})
     assert space_lib.format_flag("peft.targets", "qv") == "--config.peft.targets=qv"

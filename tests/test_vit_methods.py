@@ -9,6 +9,7 @@ from flax import nnx
 from peft_jax.adapters import ADAPTER_TYPES, apply_peft, merge, param_report, trainable_filter
 from peft_jax.adapters.core import path_str
 from peft_jax.config import base_config
+from peft_jax.train import classify
 from peft_jax.models import create_model
 from peft_jax.models.vit import LayerShared
 
@@ -313,3 +314,52 @@ def test_tuned_weights_are_the_right_ones():
     assert "blocks/0/norm1/scale" in difffit and "blocks/0/mlp/fc1/bias" in difffit
     assert "blocks/0/attn/out/scale" in difffit and "blocks/0/mlp/fc2/base/bias" in difffit
     assert not any(p.endswith("kernel") and not p.startswith("head") for p in difffit)
+
+
+# ``--config.dry_run`` (abstract build, sharding, one compiled train step) for the ViT methods on ViT-B/16
+# (every method, one device) and ViT-H/14 (every method, grouped into four compiles of the scanned model,
+# FSDP over 8 simulated devices), and the block-by-block ViT-B/16; the methods' default adapter dropout included.
+
+def dry(tmp_path, name, method, scan=True, fsdp=1):
+    c = base_config()
+    c.model.name, c.model.scan_layers, c.model.remat = name, scan, scan
+    c.peft.method = method
+    c.train.batch_size = 8
+    c.mesh.fsdp = fsdp
+    return classify.dry_run(c, tmp_path)
+
+
+@pytest.mark.parametrize("method", SCANNABLE)
+def test_vit_b16_dry_run(tmp_path, method):
+    result = dry(tmp_path, "vit_b16", method)
+    assert result["trainable_params"] == VIT_B16_COUNTS[method] + HEAD
+    # The compiled step takes every frozen, trainable and optimizer byte (plus the batch) as its arguments.
+    state_bytes = result["frozen_bytes_per_device"] + result["trainable_bytes_per_device"]
+    assert result["memory_analysis"]["argument_size_in_bytes"] >= state_bytes + result["optimizer_bytes_per_device"]
+
+
+def test_vit_b16_dry_run_unscanned(tmp_path):
+    """The block-by-block model (the default for ViT-B) compiles too."""
+    result = dry(tmp_path, "vit_b16", "vpt_shallow+fact_tt", scan=False)
+    assert result["trainable_params"] == VIT_B16_COUNTS["vpt_shallow"] + VIT_B16_COUNTS["fact_tt"] + HEAD
+
+
+@pytest.mark.parametrize("method,expected", [
+    # ViT-H/14: width 1280, 32 blocks, MLP 5120; 2-class head 2,562
+    # VPT-deep 10 tokens, (IA)^3 vectors, DoRA r8 on q, v with magnitudes, head
+    ("vpt_deep+ia3+dora", 32 * 10 * 1280 + 32 * (1280 + 1280 + 5120) + 32 * 2 * (2 * 1280 * 8 + 1280) + 2_562),
+    ("adaptformer+repadapter+difffit+lora", None),
+    ("convpass+attention_tune+adapter_houlsby+adapter_pfeiffer", None),
+    # VPT-shallow 10 tokens; FacT-TT r8: shared U, V and 12 cores of 8x8 per block (q, k, v, out: one
+    # 1280x1280 block each; fc1, fc2: four each)
+    ("vpt_shallow+fact_tt", 10 * 1280 + 2 * 1280 * 8 + 32 * 12 * 8 * 8 + 2_562),
+    ("fact_tk+bitfit", None),
+])
+def test_vit_h14_dry_run(tmp_path, method, expected):
+    result = dry(tmp_path, "vit_h14", method, fsdp=8)  # frozen weights FSDP-sharded over 8 devices
+    assert result["num_devices"] == 8 and result["frozen_bytes_per_device"] < result["frozen_bytes_total"] / 4
+    if expected is not None:
+        assert result["trainable_params"] == expected
+    # Per device, the step's arguments are its shards: at least the frozen shard, far below the whole model.
+    args = result["memory_analysis"]["argument_size_in_bytes"]
+    assert result["frozen_bytes_per_device"] <= args < result["frozen_bytes_total"] / 4

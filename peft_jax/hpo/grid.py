@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import time
 from typing import Any
@@ -36,6 +37,17 @@ def benchmark_section(methods: str, models: str, datasets: str, fractions: str, 
     b.seeds = seeds  # one final run per seed; the sweep (if any) uses the first
     b.search = "fixed"  # "fixed": hyper-parameters from overrides; "sweep": ASHA per cell (the 'sweep' section)
     b.reference = "full"  # report.md gives every method's gain over this one
+    # Training budgets in epochs: 0 keeps train.num_steps for every cell; > 0 gives each cell
+    # ceil(epochs * its training examples / batch size) steps, at least min_steps and (if > 0) at most
+    # max_steps, with evals_per_run validations (and checkpoints) and 10% warm-up.
+    b.epochs = 0.0
+    b.min_steps = 50
+    b.max_steps = 0
+    b.evals_per_run = 10
+    # "" searches every cell; a fraction (e.g. "0.1") runs one sweep per (model, dataset, method) at that
+    # fraction and gives its best values to every fraction of the method (hyper-parameters per method and
+    # dataset, chosen on validation only).
+    b.sweep_fraction = ""
     # Fixed overrides (a spec of key=value; see peft_jax.hpo.space) applied to every cell whose model,
     # dataset or method has that name, in this order; a sweep's values come after them.
     b.overrides = ml_collections.ConfigDict(overrides or {})
@@ -145,18 +157,62 @@ def pretrain(cfg: ml_collections.ConfigDict, model: str, workdir: pathlib.Path) 
     return str(run_dir / "adapter")
 
 
-def _hyper_parameters(cfg: ml_collections.ConfigDict, cell_cfg: ml_collections.ConfigDict, cell_dir: pathlib.Path,
-                      workers: int) -> dict[str, Any] | None:
+class TrainSizes:
+    """Training examples of each cell (after the fraction's stratified subsample), read once per dataset."""
+
+    def __init__(self):
+        self._labels: dict[str, Any] = {}
+
+    def __call__(self, cell_cfg: ml_collections.ConfigDict, fraction: float, seed: int) -> int:
+        from peft_jax import data as data_lib
+
+        key = json.dumps(cell_cfg.dataset.to_dict(), sort_keys=True, default=str) + str(seed)
+        if key not in self._labels:
+            full = with_values(cell_cfg, {"dataset.fraction": 1.0}, "benchmark budget")
+            self._labels[key] = data_lib.load_dataset(full.dataset, seed=seed).train.labels
+        return len(data_lib.stratified_subsample(self._labels[key], fraction, seed))
+
+
+def budget(cfg: ml_collections.ConfigDict, batch_size: int, train_size: int) -> dict[str, Any]:
+    """A cell's step budget from ``benchmark.epochs`` (empty when budgets are in steps)."""
+    b = _bench(cfg)
+    if not b.epochs:
+        return {}
+    steps = max(math.ceil(float(b.epochs) * train_size / batch_size), int(b.min_steps))
+    if b.max_steps:
+        steps = min(steps, int(b.max_steps))
+    every = max(steps // int(b.evals_per_run), 1)
+    return {"train.num_steps": steps, "train.eval_every": every, "train.checkpoint_every": every,
+            "train.log_every": every, "train.warmup_steps": max(steps // 10, 1)}
+
+
+def _sweep_cell(cfg: ml_collections.ConfigDict, cell: Cell) -> Cell:
+    """The cell whose sweep gives ``cell`` its hyper-parameters."""
+    fraction = _bench(cfg).sweep_fraction
+    return cell if fraction in ("", None) else dataclasses.replace(cell, fraction=float(fraction))
+
+
+def _hyper_parameters(cfg: ml_collections.ConfigDict, cell: Cell, init: str | None, workdir: pathlib.Path,
+                      sizes: TrainSizes, workers: int) -> dict[str, Any] | None:
     """The searched values of a cell: none when fixed, the sweep's best otherwise (None if no trial finished)."""
     if _bench(cfg).search == "fixed":
         return {}
-    summary_path = cell_dir / "sweep" / "sweep_results.json"
+    target = _sweep_cell(cfg, cell)
+    sweep_dir = workdir / "runs" / target.path / "sweep"
+    summary_path = sweep_dir / "sweep_results.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     if summary is None or summary["best_params"] is None:
-        seed0 = with_values(cell_cfg, {"seed": seeds(cfg)[0]}, "benchmark")
         from peft_jax.hpo import sweep as sweep_lib  # optuna: only a searched grid needs it
 
-        summary = sweep_lib.run_sweep(seed0, cell_dir / "sweep", workers=workers)
+        seed0 = seeds(cfg)[0]
+        sweep_cfg = cell_config(cfg, target, init)
+        steps = budget(cfg, sweep_cfg.train.batch_size, sizes(sweep_cfg, target.fraction, seed0))
+        values = {**steps, "seed": seed0}
+        if steps:  # trials get the cell's budget; ASHA's first rung at a quarter of it
+            rung = max(steps["train.num_steps"] // 4, 1)
+            values.update({"sweep.max_resource": steps["train.num_steps"], "sweep.min_resource": rung,
+                           "sweep.eval_every": rung})
+        summary = sweep_lib.run_sweep(with_values(sweep_cfg, values, "benchmark sweep"), sweep_dir, workers=workers)
     return summary["best_params"]
 
 
@@ -173,12 +229,13 @@ def run_grid(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worker
     print(f"[benchmark] {len(grid)} cells x {len(run_seeds)} seeds = {total} final runs "
           f"({_bench(cfg).search} hyper-parameters) in {workdir}", flush=True)
     inits = {model: pretrain(cfg, model, workdir) for model in dict.fromkeys(c.model for c in grid)}
+    sizes = TrainSizes()
     records = []
     t0, done_now = time.time(), 0
     for i, cell in enumerate(grid):
         cell_dir = workdir / "runs" / cell.path
         cell_cfg = cell_config(cfg, cell, inits[cell.model])
-        params = _hyper_parameters(cfg, cell_cfg, cell_dir, workers)
+        params = _hyper_parameters(cfg, cell, inits[cell.model], workdir, sizes, workers)
         if params is None:
             print(f"[benchmark] {cell.describe()}: the sweep finished no trial; no final runs", flush=True)
             records += [{"cell": cell, "seed": s, "error": "sweep finished no trial"} for s in run_seeds]
@@ -194,7 +251,8 @@ def run_grid(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worker
             if done_now:
                 eta = f", about {(time.time() - t0) / done_now * (total - n + 1) / 60:.0f} min left"
             print(f"[benchmark] run {n}/{total}: {cell.describe()}, seed {seed}{eta}", flush=True)
-            run_cfg = space_lib.run_config(with_values(cell_cfg, {**params, "seed": seed}, "benchmark"))
+            steps = budget(cfg, cell_cfg.train.batch_size, sizes(cell_cfg, cell.fraction, seed))
+            run_cfg = space_lib.run_config(with_values(cell_cfg, {**steps, **params, "seed": seed}, "benchmark"))
             start = time.time()
             try:
                 result = classify.train_and_evaluate(run_cfg, run_dir)

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from peft_jax.hpo import findings
+
 COLUMNS = ["model", "dataset", "method", "data_fraction", "seed", "test_macro_f1", "test_accuracy",
            "test_balanced_accuracy", "test_auroc", "test_ece", "val_macro_f1", "trainable_params", "total_params",
            "trainable_percent", "best_step", "steps_run", "train_examples", "wall_seconds", "hparams", "run_dir"]
@@ -149,6 +151,9 @@ def write_report(rows: list[dict], failed: list[dict], out_dir: pathlib.Path, co
         "## Test macro-F1\n",
         results_tables(rows, reference),
     ]
+    reading = findings.section(rows, reference)
+    if reading:
+        parts.append(reading)
     fairness = fairness_tables(rows)
     if fairness:
         parts += ["## Fairness: test macro-F1 per subgroup\n", fairness]

@@ -29,6 +29,13 @@ def macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
     return float(f1[present].mean()) if present.any() else 0.0
 
 
+def majority_baseline(labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Scores of always predicting the most frequent class of ``labels``: the floor a table should beat."""
+    majority = int(np.bincount(labels, minlength=num_classes).argmax())
+    preds = np.full_like(labels, majority)
+    return {"macro_f1": macro_f1(labels, preds, num_classes), "accuracy": float(np.mean(labels == majority))}
+
+
 def balanced_accuracy(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
     m = confusion(labels, preds, num_classes)
     support = m.sum(axis=1)

@@ -55,8 +55,9 @@ def _local_rows(x: np.ndarray) -> np.ndarray:
 
 
 def evaluate(steps: step_lib.Steps, state: TrainState, split: data_lib.Split,
-             cfg: ml_collections.ConfigDict) -> tuple[dict, np.ndarray]:
-    """Metrics of one split (with subgroups where it has them) and its logits."""
+             cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, np.ndarray]]:
+    """Metrics of one split (with subgroups where it has them), and its per-image labels and logits (the
+    test's are kept for paired statistics)."""
     n = state.mesh.size
     bs = int(math.ceil(cfg.train.eval_batch_size / n) * n)
     logits, labels = [], []
@@ -69,7 +70,7 @@ def evaluate(steps: step_lib.Steps, state: TrainState, split: data_lib.Split,
     result = metrics_lib.classification_metrics(labels_np, logits_np)
     if split.subgroups:
         result["subgroups"] = metrics_lib.subgroup_metrics(labels_np, logits_np, split.subgroups)
-    return result, logits_np
+    return result, {"labels": labels_np, "logits": logits_np}
 
 
 @dataclasses.dataclass
@@ -212,18 +213,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: Workdir, state: TrainState, s
 
 
 def test_best(cfg: ml_collections.ConfigDict, workdir: Workdir, state: TrainState, steps: step_lib.Steps,
-              split: data_lib.Split) -> tuple[dict, dict]:
-    """(test metrics, best checkpoint's meta): the best checkpoint's state, scored once on the test split."""
+              split: data_lib.Split) -> tuple[dict, dict, dict]:
+    """(test metrics, per-image labels and logits, best checkpoint's meta): the best checkpoint's state,
+    scored once on the test split."""
     best, best_meta = workdir.restore("best", state.saved())
     state.load({k: best[k] for k in ("trainable", "rest")})
-    test, _ = evaluate(steps, state, split, cfg)
+    test, outputs = evaluate(steps, state, split, cfg)
     if jax.process_index() == 0:
         from tensorboardX import SummaryWriter
 
         with SummaryWriter(str(workdir.path / "tb")) as writer:
             for k in EVAL_METRICS[:-1]:
                 writer.add_scalar(f"test/{k}", test[k], best_meta["best_step"])
-    return test, best_meta
+    return test, outputs, best_meta
 
 
 def results_record(cfg: ml_collections.ConfigDict, report: dict, data: data_lib.DatasetSplits, progress: Progress,
@@ -263,12 +265,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     t0 = time.time()
     train(cfg, workdir, state, steps, data, progress, on_eval)
     train_seconds = time.time() - t0
-    test, best_meta = test_best(cfg, workdir, state, steps, data.test)
+    test, test_outputs, best_meta = test_best(cfg, workdir, state, steps, data.test)
     results = results_record(cfg, report, data, progress, best_meta, test, train_seconds)
     if jax.process_index() == 0:
         nnx.update(built.model, state.trainable, state.rest)
         save_adapter(workdir.path / "adapter", built.model, built.trainable, config=cfg, base_hash=built.base_hash,
                      extra={"class_names": list(data.class_names), "dataset": cfg.dataset.name})
+        workdir.write_npz("test_predictions.npz", test_outputs)  # before results.json: a finished run has both
         workdir.write_json("results.json", results)
     return results
 

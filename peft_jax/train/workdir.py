@@ -5,7 +5,7 @@ Every kind of run (classification, text-to-image, a sweep trial, a grid cell) ke
 
     config.json               the full config; a rerun of another experiment is refused
     checkpoints/<name>/<step> orbax, one per name (``latest`` to resume, ``best`` by validation)
-    *.json                    results written atomically (temporary file, then rename)
+    *.json, *.npz             results written atomically (temporary file, then rename)
 
 A checkpoint is a state pytree plus a JSON ``meta`` dict (step, early-stopping state, losses); what a
 run needs to know about its checkpoint (a base-weights hash, say) belongs in ``meta``.
@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 # Fields that may change between a run and its continuation without making it another experiment.
@@ -112,6 +113,13 @@ class Workdir:
 
     def write_json(self, name: str, obj, indent: int = 2) -> None:
         write_json(self.path / name, obj, indent)
+
+    def write_npz(self, name: str, arrays: dict) -> None:
+        """Writes ``name`` (numpy arrays) whole or not at all."""
+        tmp = self.path / (name + ".tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+        tmp.rename(self.path / name)
 
     def preempted(self, step: int) -> Preempted:
         return Preempted(f"[preempted] SIGTERM at step {step}: saved {self.path / 'checkpoints' / 'latest'}; "

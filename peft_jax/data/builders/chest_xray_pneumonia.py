@@ -29,7 +29,9 @@ class ChestXrayPneumonia(common.MedicalImageBuilder):
       val/NORMAL/..., val/PNEUMONIA/...        (Kaggle copy only; 16 images)
     Splits: `test` is the official test split; the official train (+ val when present) is
     split 90 / 10 into train / validation, stratified by label and grouped by patient
-    (`personN` or `IM-NNNN` in the file name), so no child is on both sides.
+    (`personN` or `IM-NNNN` in the file name), so no child is on both sides. A folder without
+    `test/` (a train-only copy) gets its test split carved from train instead: 80 / 10 / 10 into
+    train / validation / test, grouped the same way; the builder says so when it prepares.
     Configs: `binary` (normal, pneumonia) and `three_class` (normal, bacterial, viral: from the
     `_bacteria_` / `_virus_` in the file name).
     """
@@ -74,17 +76,18 @@ class ChestXrayPneumonia(common.MedicalImageBuilder):
     def _split_generators(self, dl_manager):
         root = self._manual_root(dl_manager, "train", alternatives=["chest_xray"])
         development = self._files(root, "train") + (self._files(root, "val") if (root / "val").is_dir() else [])
-        test = self._files(root, "test")
+        official_test = (root / "test").is_dir()
+        fractions = {"train": 0.9, "validation": 0.1} if official_test else {"train": 0.8, "validation": 0.1,
+                                                                             "test": 0.1}
+        if not official_test:
+            print(f"chest_xray_pneumonia: {root} has no test/ folder; the test split is carved from train "
+                  "(10%, grouped by patient), not the official test split", flush=True)
         labels = [self._label(p) for p in development]
-        assignment = common.grouped_stratified_split(labels, [patient_id(p.name) for p in development],
-                                                     {"train": 0.9, "validation": 0.1})
-        return {
-            "train": self._generate_examples([p for p, a in zip(development, assignment) if a == "train"], root,
-                                             "train"),
-            "validation": self._generate_examples([p for p, a in zip(development, assignment) if a == "validation"],
-                                                  root, "validation"),
-            "test": self._generate_examples(test, root, "test"),
-        }
+        assignment = common.grouped_stratified_split(labels, [patient_id(p.name) for p in development], fractions)
+        splits = {name: [p for p, a in zip(development, assignment) if a == name] for name in fractions}
+        if official_test:
+            splits["test"] = self._files(root, "test")
+        return {name: self._generate_examples(paths, root, name) for name, paths in splits.items()}
 
     def _generate_examples(self, paths, root, split):
         skipped = collections.Counter()
