@@ -42,18 +42,18 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
-    from peft_jax.train import loop
+    from peft_jax.train import classify
 
     root = pathlib.Path(args.workdir)
     c = config({})
-    pre = loop.train_and_evaluate(config({
+    pre = classify.train_and_evaluate(config({
         "dataset.name": c.quickstart.pretrain_dataset, "dataset.fraction": 1.0, "peft.method": "full",
         "train.num_steps": c.quickstart.pretrain_steps, "train.lr": c.quickstart.pretrain_lr,
         "train.batch_size": c.quickstart.pretrain_batch_size}), root / "pretrain")
     rows = []
     for method in args.methods.split(","):
         for dtype in ("float32", "bfloat16"):
-            runs = [loop.train_and_evaluate(config({"peft.method": method, "train.compute_dtype": dtype,
+            runs = [classify.train_and_evaluate(config({"peft.method": method, "train.compute_dtype": dtype,
                                                     "train.lr": c.quickstart.lr[method],
                                                     "seed": int(s), "init.checkpoint": str(root / "pretrain" / "adapter")}),
                                             root / f"{method}_{dtype}_{s}") for s in args.seeds.split(",")]

@@ -47,16 +47,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
-    from peft_jax.train import loop
+    from peft_jax.train import classify
 
     root = pathlib.Path(args.workdir)
-    pre = loop.train_and_evaluate(config(**{"dataset.name": "pneumoniamnist", "peft.method": "full", "train.lr": 1e-3,
+    pre = classify.train_and_evaluate(config(**{"dataset.name": "pneumoniamnist", "peft.method": "full", "train.lr": 1e-3,
                                             "train.num_steps": 300, "train.batch_size": 64,
                                             "train.eval_every": 100}), root / "pretrain")
     rows = []
     for method in args.methods.split(","):
         for bn in ("update", "frozen"):
-            runs = [loop.train_and_evaluate(config(**{"peft.method": method, "train.bn_stats": bn, "seed": int(s),
+            runs = [classify.train_and_evaluate(config(**{"peft.method": method, "train.bn_stats": bn, "seed": int(s),
                                                       "init.checkpoint": str(root / "pretrain" / "adapter")}),
                                             root / f"{method}_{bn}_{s}") for s in args.seeds.split(",")]
             rows.append(score_row([method, bn], runs))

@@ -64,7 +64,8 @@ def jax_step(model_name: str, method: str, dtype: str):
 
     from peft_jax import sharding as shd
     from peft_jax.config import base_config
-    from peft_jax.train import builder, optim, step as step_lib
+    from peft_jax.train import builder, step as step_lib
+    from peft_jax.train.state import setup
 
     batch_size = settings()["batch"]
     cfg = base_config()
@@ -77,12 +78,9 @@ def jax_step(model_name: str, method: str, dtype: str):
     elif dtype == "bf16":  # bf16 products on float32 activations: XLA:CPU's bf16 elementwise work is slow
         cfg.train.matmul_dtype = "bfloat16"
     built = builder.build(cfg, 2)
-    split = step_lib.split_model(built.model, built.trainable)
-    tx = optim.make_optimizer(cfg.train)
-    mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
-    steps = step_lib.compile_steps(split, tx, jax.eval_shape(tx.init, split.trainable), mesh,
-                                   min_shard_size=cfg.mesh.min_shard_size, label_smoothing=0.0)
-    state = [split.trainable, split.frozen, split.rest, tx.init(split.trainable)]
+    train_state = setup(cfg, built.model, built.trainable, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
+    steps = step_lib.compile_steps(train_state, cfg.train)
+    state = [train_state.trainable, train_state.frozen, train_state.rest, train_state.opt_state]
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(batch_size, SIZE, SIZE, 3)).astype(np.float32)),
              "label": jnp.asarray(rng.integers(0, 2, batch_size).astype(np.int32))}

@@ -90,17 +90,16 @@ def make_step(model: str):
 
     from peft_jax import sharding as shd
     from peft_jax.config import base_config
-    from peft_jax.train import builder, optim, step as step_lib
+    from peft_jax.train import builder, step as step_lib
+    from peft_jax.train.state import setup
 
     cfg = base_config()
     cfg.model.name, cfg.model.image_size = model, SIZE
     cfg.peft.method = "lora"
     built = builder.build(cfg, 3)
-    split = step_lib.split_model(built.model, built.trainable)
-    tx = optim.make_optimizer(cfg.train)
-    steps = step_lib.compile_steps(split, tx, jax.eval_shape(tx.init, split.trainable), shd.make_mesh(cfg.mesh),
-                                   min_shard_size=cfg.mesh.min_shard_size, label_smoothing=0.0)
-    state = [split.trainable, split.frozen, split.rest, tx.init(split.trainable)]
+    train_state = setup(cfg, built.model, built.trainable, shd.make_mesh(cfg.mesh))
+    steps = step_lib.compile_steps(train_state, cfg.train)
+    state = [train_state.trainable, train_state.frozen, train_state.rest, train_state.opt_state]
 
     def run(batch: dict) -> None:
         state[0], state[2], state[3], metrics = steps.train(state[0], state[1], state[2], state[3], batch)

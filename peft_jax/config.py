@@ -18,7 +18,13 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dry_run = False
+    _model_and_peft(c)
+    _data_and_training(c)
+    _devices_and_init(c)
+    return c
 
+
+def _model_and_peft(c: ml_collections.ConfigDict) -> None:
     c.model = ml_collections.ConfigDict()
     c.model.name = "vit_b16"
     c.model.image_size = 224
@@ -47,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft.reduction = 8  # Conv-Adapter's channel compression gamma (hidden channels = C_in / gamma)
     c.peft.num_blocks = 1  # partial: how many of the last residual blocks fine-tune
 
+
+def _data_and_training(c: ml_collections.ConfigDict) -> None:
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "breastmnist"
     c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
@@ -85,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.matmul_dtype = ml_collections.config_dict.placeholder(str)
     c.train.skip_nonfinite = False  # True: skip (and count) updates whose loss or gradient is NaN/Inf
 
+
+
+def _devices_and_init(c: ml_collections.ConfigDict) -> None:
     # Multi-process runs (one process per host): None takes JAX's own detection (SLURM, TPU pods,
     # or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
     c.distributed = ml_collections.ConfigDict()
@@ -103,7 +114,6 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ml_collections.config_dict.placeholder(str)  # path or registered name
-    return c
 
 
 def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

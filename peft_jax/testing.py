@@ -90,3 +90,15 @@ def csv_subset(src: pathlib.Path, dst: pathlib.Path, keep: Callable[[dict], bool
         writer.writeheader()
         writer.writerows(rows)
     return rows
+
+
+def iu_xray_subset(shared_data: pathlib.Path, manual: pathlib.Path, num_studies: int) -> tuple[list[dict], dict]:
+    """An IU X-ray manual folder in ``manual``: the real projection and report rows of studies 1..num_studies
+    and random images in their place; returns (projection rows, reports by uid)."""
+    uids = {str(u) for u in range(1, num_studies + 1)}
+    projections = csv_subset(shared_data / "iu_xray" / "indiana_projections.csv", manual / "indiana_projections.csv",
+                             lambda r: r["uid"] in uids)
+    reports = {r["uid"]: r for r in csv_subset(shared_data / "iu_xray" / "indiana_reports.csv",
+                                               manual / "indiana_reports.csv", lambda r: r["uid"] in uids)}
+    write_random_images([manual / "images" / "images_normalized" / r["filename"] for r in projections], "PNG")
+    return projections, reports

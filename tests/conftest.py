@@ -1,9 +1,12 @@
 """Shared test fixtures: the real medical data in $PEFT_JAX_DATA, a tiny Stable Diffusion pipeline and a
-quiet JAX. Helper functions with arguments (random torch references, random images, CSV subsets) live in
+quiet JAX, a local HTTP server. Helper functions with arguments (random torch references, random images, CSV subsets) live in
 peft_jax/testing.py, so that tests import nothing but peft_jax."""
+import functools
+import http.server
 import importlib.util
 import os
 import pathlib
+import threading
 
 import pytest
 
@@ -34,3 +37,20 @@ def sd15_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """(served folder, base URL) of an HTTP server on 127.0.0.1: the download tests never touch the network."""
+    root = tmp_path / "served"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=root))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

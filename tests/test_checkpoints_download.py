@@ -1,9 +1,6 @@
 """The checkpoint registry and its verified download cache, against a local HTTP server and file:// URLs."""
-import functools
 import hashlib
-import http.server
 import re
-import threading
 
 import numpy as np
 import pytest
@@ -11,24 +8,6 @@ import torch
 
 from peft_jax.checkpoints import KNOWN_CHECKPOINTS, CheckpointError, KnownCheckpoint, cache_dir, fetch, resolve_checkpoint
 from peft_jax.models import FEATURE_ARCHS, MODEL_NAMES, from_pretrained
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server(tmp_path):
-    """(served directory, base URL) of an HTTP server on 127.0.0.1."""
-    root = tmp_path / "served"
-    root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=root))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 @pytest.fixture
@@ -75,8 +54,8 @@ def torchvision_resnet18(path):
     return path
 
 
-def test_download_over_http_then_cache_reuse(server, cache, monkeypatch):
-    root, url = server
+def test_download_over_http_then_cache_reuse(http_server, cache, monkeypatch):
+    root, url = http_server
     src = torchvision_resnet18(root / "r18.pth")
     register(monkeypatch, "test.r18", f"{url}/r18.pth", sha(src))
     model = from_pretrained("resnet18", "test.r18")
@@ -90,8 +69,8 @@ def test_download_over_http_then_cache_reuse(server, cache, monkeypatch):
     np.testing.assert_array_equal(from_pretrained("resnet18", "test.r18").head.kernel[...], model.head.kernel[...])
 
 
-def test_sha256_mismatch_leaves_nothing_in_the_cache(server, cache, monkeypatch):
-    root, url = server
+def test_sha256_mismatch_leaves_nothing_in_the_cache(http_server, cache, monkeypatch):
+    root, url = http_server
     (root / "bad.pth").write_bytes(b"corrupted" * 1000)
     register(monkeypatch, "test.bad", f"{url}/bad.pth", "0" * 64)
     with pytest.raises(CheckpointError, match="sha256 mismatch .* the file was discarded"):
@@ -120,9 +99,9 @@ def test_offline_and_unreachable_errors_say_what_to_fetch_and_where(cache, monke
         fetch("test.away")
 
 
-def test_a_file_without_a_known_sha256_is_never_downloaded(server, cache, monkeypatch):
+def test_a_file_without_a_known_sha256_is_never_downloaded(http_server, cache, monkeypatch):
     """No digest, no download: the error says where to get the file and where to put it; once placed, it is used."""
-    root, url = server
+    root, url = http_server
     (root / "weights.pth").write_bytes(b"served bytes")
     register(monkeypatch, "test.unpinned", f"{url}/weights.pth", None)
     with pytest.raises(CheckpointError, match="no sha256 .* not downloaded automatically: download .*weights.pth by hand"):

@@ -1,10 +1,8 @@
 """MedMNIST loading and the grain pipelines, on the real BreastMNIST / PneumoniaMNIST files."""
 import functools
 import hashlib
-import http.server
 import pathlib
 import shutil
-import threading
 
 import ml_collections
 import numpy as np
@@ -201,25 +199,14 @@ def test_missing_file_error_names_dataset_places_and_url(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def http_server(tmp_path):
-    """A local HTTP server (127.0.0.1) over a folder; the tests never touch the network."""
-    root = tmp_path / "served"
-    root.mkdir()
-
-    class QuietHandler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=root))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/{{filename}}?download=1"
-    server.shutdown()
-    server.server_close()
+def medmnist_server(http_server):
+    """(served folder, MedMNIST URL template) of the local HTTP server."""
+    root, base = http_server
+    return root, base + "/{filename}?download=1"
 
 
-def test_download_verifies_md5_and_is_reused(shared_data, tmp_path, monkeypatch, http_server):
-    served, url = http_server
+def test_download_verifies_md5_and_is_reused(shared_data, tmp_path, monkeypatch, medmnist_server):
+    served, url = medmnist_server
     cache = _isolate_search_path(monkeypatch, tmp_path)
     shutil.copy(shared_data / "medmnist" / "breastmnist.npz", served / "breastmnist.npz")
     monkeypatch.setattr(medmnist, "URL", url)
@@ -231,8 +218,8 @@ def test_download_verifies_md5_and_is_reused(shared_data, tmp_path, monkeypatch,
     assert len(data.load_dataset(_cfg("breastmnist", download=True), seed=0).test) == 156
 
 
-def test_download_with_bad_md5_leaves_nothing_in_cache(tmp_path, monkeypatch, http_server):
-    served, url = http_server
+def test_download_with_bad_md5_leaves_nothing_in_cache(tmp_path, monkeypatch, medmnist_server):
+    served, url = medmnist_server
     cache = _isolate_search_path(monkeypatch, tmp_path)
     (served / "breastmnist.npz").write_bytes(b"not the real file")
     monkeypatch.setattr(medmnist, "URL", url)

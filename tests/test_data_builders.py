@@ -11,7 +11,7 @@ from peft_jax import data
 from peft_jax.data import tfds_loader
 from peft_jax.data.builders import common
 from peft_jax.data.builders.chest_xray_pneumonia import patient_id
-from peft_jax.testing import csv_subset, write_random_images
+from peft_jax.testing import csv_subset, iu_xray_subset, write_random_images
 
 
 def _cfg(name: str, manual_dir, data_dir, **overrides) -> ml_collections.ConfigDict:
@@ -237,12 +237,7 @@ def test_smdg_real_metadata_generated_images_patient_grouped(shared_data, tmp_pa
 
 def test_iu_xray_real_reports_generated_images(shared_data, tmp_path):
     manual = tmp_path / "m"
-    keep_uids = {str(u) for u in range(1, 81)}
-    projections = csv_subset(shared_data / "iu_xray" / "indiana_projections.csv", manual / "indiana_projections.csv",
-                              lambda r: r["uid"] in keep_uids)
-    reports = {r["uid"]: r for r in csv_subset(shared_data / "iu_xray" / "indiana_reports.csv",
-                                               manual / "indiana_reports.csv", lambda r: r["uid"] in keep_uids)}
-    write_random_images([manual / "images" / "images_normalized" / r["filename"] for r in projections], "PNG")
+    projections, reports = iu_xray_subset(shared_data, manual, 80)
     ds = data.load_dataset(_cfg("iu_xray", manual, tmp_path / "tfds"), seed=0)
     frontal = [r for r in projections if r["projection"] == "Frontal"]
     assert sum(len(s) for s in (ds.train, ds.validation, ds.test)) == len(frontal)

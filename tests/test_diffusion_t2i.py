@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from peft_jax.checkpoints.diffusers import load_tokenizer  # noqa: E402
 from peft_jax.t2i import data as t2i_data  # noqa: E402
 from peft_jax.t2i import train as t2i_train  # noqa: E402
-from peft_jax.testing import csv_subset, write_random_images  # noqa: E402
+from peft_jax.testing import iu_xray_subset  # noqa: E402
 from peft_jax.train.workdir import Preempted, Workdir  # noqa: E402
 
 
@@ -66,12 +66,7 @@ def _prompts(cfg, splits=("train", "validation", "test")) -> list[str]:
 def test_report_prompts_iu_xray(shared_data, sd15_config, tiny_pipeline, tmp_path):
     # IU X-ray: the real reports of 30 studies, generated images.
     manual = tmp_path / "iu"
-    uids = {str(u) for u in range(1, 31)}
-    projections = csv_subset(shared_data / "iu_xray" / "indiana_projections.csv", manual / "indiana_projections.csv",
-                              lambda r: r["uid"] in uids)
-    reports = {r["uid"]: r for r in csv_subset(shared_data / "iu_xray" / "indiana_reports.csv",
-                                               manual / "indiana_reports.csv", lambda r: r["uid"] in uids)}
-    write_random_images([manual / "images" / "images_normalized" / r["filename"] for r in projections], "PNG")
+    projections, reports = iu_xray_subset(shared_data, manual, 30)
     frontal = [reports[r["uid"]] for r in projections if r["projection"] == "Frontal"]
     cfg = _report_cfg(sd15_config, "iu_xray", manual, tmp_path / "tfds")
     assert sorted(_prompts(cfg)) == sorted(" ".join(r["impression"].split()) for r in frontal)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from peft_jax import sharding as shd
 from peft_jax.config import base_config
-from peft_jax.train import builder, classify, optim, step as step_lib
+from peft_jax.train import builder, classify, step as step_lib
 from peft_jax.train.state import setup
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -12,6 +12,7 @@ from the command line (``--config.sweep.space.lora="train.lr=log(1e-4,1e-2)"``).
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import re
 from typing import TYPE_CHECKING, Any
