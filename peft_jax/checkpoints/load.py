@@ -14,6 +14,7 @@ from peft_jax.checkpoints import resnet as resnet_ckpt
 from peft_jax.checkpoints import vit as vit_ckpt
 from peft_jax.checkpoints.core import CheckpointError, KeyMapper, build, check_fit, decide_head, expected_shapes
 from peft_jax.checkpoints.formats import LAYOUTS, Checkpoint, read_checkpoint
+from peft_jax.checkpoints.hub import repo_overrides
 from peft_jax.checkpoints.registry import resolve_checkpoint
 from peft_jax.models import (
     DIFFUSION_ARCHS, EFFICIENTNET_NAMES, FEATURE_ARCHS, MODEL_NAMES, RESNET_NAMES, efficientnet_config,
@@ -142,6 +143,8 @@ def from_pretrained(
     family = "resnet" if arch in RESNET_NAMES else "efficientnet" if arch in EFFICIENTNET_NAMES else "vit"
     if LAYOUTS[ckpt.layout][0] != family:
         raise CheckpointError(f"{_where(ckpt)} holds a {LAYOUTS[ckpt.layout][0]}, but arch is {arch}")
+    if ckpt.hf_config is not None:  # a timm or transformers folder (local or from the Hub) names its network
+        overrides = repo_overrides(arch, family, ckpt.hf_config, _where(ckpt), overrides)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     if arch in VIT_VARIANTS:
         return _load_vit(arch, ckpt, num_classes=num_classes, image_size=image_size, rngs=rngs, overrides=overrides)
