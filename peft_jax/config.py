@@ -95,7 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.min_shard_size = 2**14  # smaller variables are replicated
 
     c.init = ml_collections.ConfigDict()
-    c.init.checkpoint = ml_collections.config_dict.placeholder(str)  # path or registered name
+    c.init.checkpoint = ml_collections.config_dict.placeholder(str)  # path, registered name or hf-hub:ORG/NAME
+    # A Hugging Face peft adapter folder (LoRA, DoRA, IA3 for a transformers ViT) to continue training from.
+    c.init.adapter = ml_collections.config_dict.placeholder(str)
     return c
 
 

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from peft_jax.adapters import apply_peft, trainable_filter
 from peft_jax.adapters.core import Filter, path_str
+from peft_jax.adapters.import_hf import start_from_hf_adapter
 from peft_jax.adapters.io import ADAPTER_FILE, read_adapter_config, state_hash
 from peft_jax.models import EFFICIENTNET_NAMES, RESNET_NAMES, create_model, from_pretrained
 
@@ -86,6 +87,7 @@ def build(cfg: ml_collections.ConfigDict, num_classes: int) -> Built:
     model = backbone(cfg, num_classes)
     base_hash = state_hash(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("head")))))
     apply_peft(model, cfg.peft, rngs=nnx.Rngs(params=cfg.seed + 1))
+    start_from_hf_adapter(model, cfg)  # init.adapter: a PyTorch peft adapter to continue from
     return Built(model, trainable_filter(cfg.peft), base_hash)
 
 
