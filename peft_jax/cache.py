@@ -26,6 +26,12 @@ def cache_dir(*parts: str) -> pathlib.Path:
     return root.expanduser().joinpath(*parts)
 
 
+def file_digest(path: pathlib.Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
 def download(url: str, dest: pathlib.Path, *, digest: str, algorithm: str = "sha256", manual_hint: str = "",
              progress: bool = True) -> pathlib.Path:
     """Downloads ``url`` (http(s) or file://) to ``dest``, checking its ``algorithm`` digest (the full hex

@@ -34,6 +34,8 @@ def _model_and_peft(c: ml_collections.ConfigDict) -> None:
     c.model.pool = ml_collections.config_dict.placeholder(str)
     c.model.scan_layers = False
     c.model.remat = False
+    # EfficientNet-Lite stochastic depth: the last block's drop rate (None: the reference's 0.2).
+    c.model.drop_connect_rate = ml_collections.config_dict.placeholder(float)
 
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "lora"
@@ -113,7 +115,9 @@ def _devices_and_init(c: ml_collections.ConfigDict) -> None:
     c.mesh.rules = ()
 
     c.init = ml_collections.ConfigDict()
-    c.init.checkpoint = ml_collections.config_dict.placeholder(str)  # path or registered name
+    c.init.checkpoint = ml_collections.config_dict.placeholder(str)  # path, registered name or hf-hub:ORG/NAME
+    # A Hugging Face peft adapter folder (LoRA, DoRA, IA3 for a transformers ViT) to continue training from.
+    c.init.adapter = ml_collections.config_dict.placeholder(str)
 
 
 def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -139,7 +139,8 @@ def test_registry_entries_are_well_formed():
         assert c.arch in MODEL_NAMES + FEATURE_ARCHS
         # the FID Inception's entry is named after the network, its arch after the FID variant of it
         assert name.startswith(c.arch.removesuffix("_fid") + ".")
-        assert c.url.startswith("https://") and c.format in ("google_npz", "timm", "torchvision")
+        assert c.url.startswith("https://") and c.format in ("google_npz", "timm", "torchvision", "efficientnet_lite_pytorch")
+        assert c.package is None or (c.sha256 and len(c.sha256) == 64)  # packaged weights: a full digest
         assert c.sha256 is None or re.fullmatch(r"[0-9a-f]{8}|[0-9a-f]{64}", c.sha256)
         if c.format == "torchvision":  # torchvision names its files by their sha256 prefix
             assert c.url.endswith(f"-{c.sha256}.pth")

@@ -69,12 +69,14 @@ R50_CASES = [
     ("tsa", {}, sum(w * w for w in W3) + HEAD),                              # 1,261,570
     ("tsa", {"tsa_form": "channel"}, sum(W3) + HEAD),                        # 7,874
     ("tsa", {"tsa_alignment": True}, sum(w * w for w in W3) + 2048 * 2048 + HEAD),  # 5,455,874
-    ("residual_adapter", {}, sum(w * w for w in W3) + 2 * BN + HEAD),        # 1,314,690
+    # a 1x1 beside each 3x3 of the blocks and beside the stem (3 -> 64, as the reference), BatchNorm affine
+    ("residual_adapter", {}, sum(w * w for w in W3) + 3 * 64 + 2 * BN + HEAD),  # 1,314,882
     ("lora_conv", {}, sum(8 * (k * k * cin + cout) for k, cin, cout, blk in CONVS if blk) + HEAD),  # 637,954
     ("lora_conv", {"targets": "all"}, sum(8 * (k * k * cin + cout) for k, cin, cout, _ in CONVS) + HEAD),
     ("lora_conv", {"targets": r"layer4/\d+/conv2$", "rank": 4}, 3 * 4 * (9 * 512 + 512) + HEAD),
-    # gamma 8: depth-wise 3x3 (8 inputs per group, w/8 groups) + bias, 1x1 (w/8 -> w) + bias, scale
-    ("conv_adapter", {}, sum(9 * w + w // 8 + w // 8 * w + w + w for w in W3) + HEAD),  # 203,290
+    # gamma 8: depth-wise 3x3 (8 inputs per group, w/8 groups) + bias, 1x1 (w/8 -> w) + bias, scale;
+    # and the reference's pre-pool BatchNorm (2 x 2048)
+    ("conv_adapter", {}, sum(9 * w + w // 8 + w // 8 * w + w + w for w in W3) + 2 * 2048 + HEAD),  # 207,386
     ("partial", {}, LAST_BLOCK + HEAD),                                      # layer4[2]: 4,466,690
     ("partial", {"num_blocks": 0}, HEAD),
 ]

@@ -9,7 +9,7 @@ from flax import nnx
 from peft_jax.adapters import apply_peft, trainable_filter
 from peft_jax.adapters.bank import AdapterBank
 from peft_jax.adapters.core import ADAPTER_TYPES
-from peft_jax.adapters.export_hf import export_lora_hf
+from peft_jax.adapters.export_hf import export_hf
 from peft_jax.adapters.io import load_adapter, save_adapter, state_hash
 from peft_jax.adapters.lora import DoRALinear
 from peft_jax.config import base_config
@@ -149,7 +149,7 @@ def test_lora_export_loads_in_hugging_face_peft_with_the_same_logits(tmp_path, s
     keys = iter(jax.random.split(jax.random.key(3), 1000))
     nnx.update(model, jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape), state))
     model.eval()
-    export_lora_hf(model, cfg, tmp_path / "export")
+    export_hf(model, cfg, tmp_path / "export")
 
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
     pixels = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
@@ -164,8 +164,8 @@ def test_lora_export_loads_in_hugging_face_peft_with_the_same_logits(tmp_path, s
 def test_export_refuses_other_methods(tmp_path):
     cfg = experiment("vpt_deep").peft
     model = apply_peft(backbone(), cfg, rngs=nnx.Rngs(1))
-    with pytest.raises(ValueError, match="exports plain LoRA adapters"):
-        export_lora_hf(model, cfg, tmp_path)
+    with pytest.raises(ValueError, match=r"Hugging Face peft adapters are \['dora', 'ia3', 'lora'\] \(one at a time\)"):
+        export_hf(model, cfg, tmp_path)
 
 
 def test_dora_matches_hugging_face_peft():

@@ -1,12 +1,20 @@
 """Conv-Adapter (Chen et al., "Conv-Adapter: Exploring Parameter Efficient Transfer Learning
-for ConvNets", 2022), in the convolution-parallel placement of the reference implementation.
+for ConvNets", 2022), placed as in the reference implementation (Hhhhhhao/Conv-Adapter,
+``models/backbones/resnet.py`` and ``models/__init__.py``).
 
-Each residual block gets one adapter beside its first 3x3 convolution (the 3x3 of a
-bottleneck, the first 3x3 of a basic block), reading the same input and adding to its
-output:
+One adapter per residual block:
 
-    k x k depth-wise convolution (base's stride and padding), C_in -> C_in / gamma channels,
+    k x k grouped convolution (the 3x3's stride and padding), C_in -> C_in / gamma channels,
     groups C_in / gamma  ->  ReLU  ->  1x1 convolution to C_out  ->  times a per-channel scale
+
+- **Bottleneck** (ResNet-50/101): the adapter reads the input of the 3x3 convolution
+  (``relu(bn1(conv1(x)))``) and its output is added *after* ``relu(bn2(conv2(.)))``.
+- **Basic block** (ResNet-18/34): beside the first 3x3 convolution, reading the block input
+  and added to that convolution's output before ``bn1``. (The reference's basic-block forward
+  reads a variable before assigning it and cannot run; this is its evident intent: an
+  adapter with ``conv1``'s input, output and stride.)
+- **Pre-pool BatchNorm**: the reference's ResNet has a fresh BatchNorm on the last feature map
+  before pooling, which trains with the adapters and the head.
 
 ``gamma`` is ``peft.reduction`` (8, the reference's default). As in the reference, both
 convolutions have biases and start from the ResNet's He initialisation (normal, fan-out),
@@ -20,23 +28,28 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from peft_jax.adapters.cnn import Geometry, block_convs
-from peft_jax.adapters.core import AdapterParam, Method, Path, adapter_variables, path_str, register, replace_module
+from peft_jax.adapters.cnn import Geometry, block_convs, wrap_pool
+from peft_jax.adapters.core import (
+    AdapterParam, Method, Path, adapter_variables, any_of, modules_matching, path_regex, path_str, register,
+    replace_module,
+)
+from peft_jax.models import resnet as resnet_lib
 
 _he_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+# The pre-pool BatchNorm's affine parameters (other methods may wrap the pool around it).
+PRE_POOL_NORM = r"^pool/(?:base/)*norm/(?:scale|bias)$"
 
 
-class ConvAdapter(nnx.Module):
-    """``base(x) + scale * up(relu(down(x)))`` with a grouped k x k ``down`` and a 1x1 ``up``."""
+class ConvAdapterBranch(nnx.Module):
+    """``scale * up(relu(down(x)))`` with a grouped k x k ``down`` convolving like ``conv`` and a 1x1 ``up``."""
 
-    def __init__(self, base: nnx.Conv, reduction: int, *, rngs: nnx.Rngs, path: Path):
-        kh, kw, cin, cout = base.kernel.shape
+    def __init__(self, conv: nnx.Conv, reduction: int, *, rngs: nnx.Rngs, path: Path):
+        kh, kw, cin, cout = conv.kernel.shape
         if reduction < 1 or cin % reduction:
             raise ValueError(f"conv_adapter: peft.reduction={reduction} must divide the {cin} input channels of "
                              f"{path_str(path)}")
         hidden = cin // reduction
-        self.base = base
-        self.geometry = Geometry.of(base, "conv_adapter", path)
+        self.geometry = Geometry.of(conv, "conv_adapter", path)
         self.groups = hidden  # each group maps `reduction` input channels to one hidden channel
         self.down_kernel = AdapterParam(_he_fan_out(rngs.params(), (kh, kw, reduction, hidden)))
         self.down_bias = AdapterParam(jnp.zeros((hidden,), jnp.float32))
@@ -48,25 +61,69 @@ class ConvAdapter(nnx.Module):
         dtype = x.dtype
         h = self.geometry.conv(x, self.down_kernel[...], groups=self.groups) + self.down_bias[...].astype(dtype)
         h = nnx.relu(h) @ self.up_kernel[...].astype(dtype) + self.up_bias[...].astype(dtype)
-        return self.base(x) + h * self.adapter_scale[...].astype(dtype)
+        return h * self.adapter_scale[...].astype(dtype)
+
+
+class ConvAdapter(nnx.Module):
+    """``base(x) + adapter(x)``: the basic-block placement, beside a convolution."""
+
+    def __init__(self, base: nnx.Conv, reduction: int, *, rngs: nnx.Rngs, path: Path):
+        self.base = base
+        self.adapter = ConvAdapterBranch(base, reduction, rngs=rngs, path=path)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.base(x) + self.adapter(x)
+
+
+class ConvAdapterBottleneck(nnx.Module):
+    """A bottleneck whose adapter reads the 3x3's input and adds to ``relu(bn2(conv2(.)))``."""
+
+    def __init__(self, base: resnet_lib.Bottleneck, reduction: int, *, rngs: nnx.Rngs, path: Path):
+        self.base = base
+        self.adapter = ConvAdapterBranch(base.conv2, reduction, rngs=rngs, path=path + ("conv2",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b = self.base  # the steps of resnet.Bottleneck.__call__, with the adapter after the middle ReLU
+        y = nnx.relu(b.bn1(b.conv1(x)))
+        y = nnx.relu(b.bn2(b.conv2(y))) + self.adapter(y)
+        y = b.bn3(b.conv3(y))
+        shortcut = x if b.downsample is None else b.downsample(x)
+        return nnx.relu(y + shortcut)
+
+
+class PrePoolNorm(nnx.Module):
+    """``pool(norm(x))``: the reference's trained BatchNorm on the last feature map."""
+
+    def __init__(self, base: nnx.Module, features: int, *, rngs: nnx.Rngs):
+        self.base = base
+        self.norm = resnet_lib.batch_norm(features, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.base(self.norm(x))
 
 
 def conv_adapter_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
     reduction = int(cfg.get("reduction") or 8)
-    first_per_block: dict[Path, tuple[Path, nnx.Conv]] = {}
+    bottlenecks = modules_matching(model, (resnet_lib.Bottleneck,), r"^layer\d+/\d+$")
+    first_conv: dict[Path, tuple[Path, nnx.Conv]] = {}
     for path, conv in block_convs(model, 3):
-        first_per_block.setdefault(path[:2], (path, conv))  # path[:2] is the block, e.g. ("layer1", 0)
-    if not first_per_block:
+        first_conv.setdefault(path[:2], (path, conv))  # path[:2] is the block, e.g. ("layer1", 0)
+    if not bottlenecks and not first_conv:
         raise ValueError("conv_adapter: the model has no 3x3 convolution in residual blocks (layer1..4)")
-    for path, conv in first_per_block.values():
+    for path, block in bottlenecks:
+        replace_module(model, path, ConvAdapterBottleneck(block, reduction, rngs=rngs, path=path))
+        first_conv.pop(path, None)
+    for path, conv in first_conv.values():
         replace_module(model, path, ConvAdapter(conv, reduction, rngs=rngs, path=path))
+    wrap_pool(model, lambda pool: PrePoolNorm(pool, model.num_features, rngs=rngs))
 
 
 register(Method(
     name="conv_adapter",
-    doc="Conv-Adapter (Chen et al. 2022): a depth-wise separable bottleneck (C/peft.reduction channels) beside the "
-        "first 3x3 convolution of every residual block, with a per-channel scale.",
-    trainable=lambda cfg: adapter_variables,
+    doc="Conv-Adapter (Chen et al. 2022): a depth-wise separable bottleneck (C/peft.reduction channels) per residual "
+        "block with a per-channel scale (bottleneck: added after the 3x3's BatchNorm and ReLU; basic block: beside "
+        "the first 3x3), and a trained BatchNorm before pooling, as the reference.",
+    trainable=lambda cfg: any_of(adapter_variables, path_regex(PRE_POOL_NORM)),
     surgery=conv_adapter_surgery,
     archs=("resnet",),
 ))

@@ -1,12 +1,16 @@
 """Parallel residual adapters (Rebuffi, Bilen & Vedaldi, "Efficient parametrization of
 multi-domain deep neural networks", CVPR 2018; the series form is their NeurIPS 2017 paper).
 
-Beside every 3x3 convolution of the residual blocks, a 1x1 convolution with the same stride
-reads the same input and adds to its output; the BatchNorm layers are task-specific too, so
-their gamma and beta train with the adapters (the reference trains everything but the 3x3
-kernels of the shared network; our stem is a 7x7 and stays frozen). As in the reference,
-the adapters start from the network's He initialisation (normal, std sqrt(2 / fan_out)), not
-from zero. Linear, so they fold into the centre tap of their convolution (``merge``).
+Beside every 3x3 convolution of the residual blocks and beside the stem's first convolution
+(the reference's ``pre_layers_conv`` is a ``conv_task`` with an adapter too; srebuffi/
+residual_adapters ``models.py``), a 1x1 convolution with the same stride reads the same input
+and adds to its output. The BatchNorm layers are task-specific too, so their gamma and beta
+train with the adapters (the reference, ``train_new_task_adapters.py``, freezes only the 3x3
+kernels of the shared network; here every backbone convolution stays frozen: the stem is a
+7x7 and ResNet-50's 1x1 convolutions are shared weights as well). As in the reference, the
+adapters start from the network's He initialisation (normal, std sqrt(2 / fan_out)), not from
+zero, with no dropout (its default ``--dropout 00``). Linear, so they fold into the centre tap
+of their convolution (``merge``).
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.cnn import ParallelConv, block_convs, merge_parallel
-from peft_jax.adapters.core import METHODS, Method, adapter_variables, any_of, register, replace_module
+from peft_jax.adapters.core import (
+    METHODS, Method, adapter_variables, any_of, modules_matching, register, replace_module,
+)
 
 _he_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -28,6 +34,7 @@ def residual_adapter_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, 
     targets = block_convs(model, 3)
     if not targets:
         raise ValueError("residual_adapter: the model has no 3x3 convolution in residual blocks (layer1..4)")
+    targets += modules_matching(model, (nnx.Conv,), r"^conv1$")  # the stem
     for path, conv in targets:
         cin, cout = conv.kernel.shape[-2:]
         # A (1, 1, in, out) kernel's fan-out is out, as for the reference's 1x1 convolutions.
@@ -37,8 +44,8 @@ def residual_adapter_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, 
 
 register(Method(
     name="residual_adapter",
-    doc="Parallel residual adapters (Rebuffi et al. 2018): a 1x1 convolution beside each 3x3 convolution of the "
-        "residual blocks, and the BatchNorm gamma and beta.",
+    doc="Parallel residual adapters (Rebuffi et al. 2018): a 1x1 convolution beside the stem convolution and each "
+        "3x3 convolution of the residual blocks, and the BatchNorm gamma and beta.",
     trainable=lambda cfg: any_of(adapter_variables, METHODS["bn_tune"].trainable(cfg)),
     surgery=residual_adapter_surgery,
     merge=lambda model: merge_parallel(model, ResidualAdapterConv),

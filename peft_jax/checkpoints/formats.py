@@ -1,8 +1,9 @@
 """Reading checkpoint files into flat {name: numpy array} dicts, and telling layouts apart.
 
 Only data formats are read: safetensors, numpy ``.npz`` with ``allow_pickle=False``,
-and torch files through ``torch.load(weights_only=True)``. Nothing is ever unpickled,
-because a checkpoint downloaded from the internet is untrusted input.
+torch zip files through ``torch.load(weights_only=True)``, and legacy (pre-1.6) torch files
+through ``torch_legacy``'s tensors-only unpickler, which needs no torch. Nothing is ever
+unpickled freely, because a checkpoint downloaded from the internet is untrusted input.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 
 from peft_jax.checkpoints.core import CheckpointError
+from peft_jax.checkpoints.torch_legacy import is_legacy_torch_file, read_legacy_torch
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -33,6 +35,7 @@ LAYOUTS = {
     "google_vit": ("vit", "Google vision_transformer .npz"),
     "hf_resnet": ("resnet", "Hugging Face transformers ResNet"),
     "torchvision_resnet": ("resnet", "torchvision / timm ResNet"),
+    "lukemelas_efficientnet": ("efficientnet", "efficientnet-lite-pytorch / EfficientNet-PyTorch"),
 }
 
 
@@ -54,6 +57,8 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+    if is_legacy_torch_file(path):
+        return read_legacy_torch(path)
     try:
         import torch
     except ImportError as e:
@@ -117,6 +122,8 @@ def detect_layout(arrays: dict[str, np.ndarray]) -> str | None:
         return "hf_resnet"
     if "conv1.weight" in keys and "layer1.0.conv1.weight" in keys:
         return "torchvision_resnet"
+    if "_conv_stem.weight" in keys and "_blocks.0._depthwise_conv.weight" in keys:
+        return "lukemelas_efficientnet"
     return None
 
 

@@ -9,12 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peft_jax.checkpoints import efficientnet as efficientnet_ckpt
 from peft_jax.checkpoints import resnet as resnet_ckpt
 from peft_jax.checkpoints import vit as vit_ckpt
 from peft_jax.checkpoints.core import CheckpointError, KeyMapper, build, check_fit, decide_head, expected_shapes
 from peft_jax.checkpoints.formats import LAYOUTS, Checkpoint, read_checkpoint
+from peft_jax.checkpoints.hub import repo_overrides
 from peft_jax.checkpoints.registry import resolve_checkpoint
-from peft_jax.models import DIFFUSION_ARCHS, FEATURE_ARCHS, MODEL_NAMES, RESNET_NAMES, unknown_name_error, vit_config
+from peft_jax.models import (
+    DIFFUSION_ARCHS, EFFICIENTNET_NAMES, FEATURE_ARCHS, MODEL_NAMES, RESNET_NAMES, efficientnet_config,
+    unknown_name_error, vit_config,
+)
+from peft_jax.models.efficientnet import EfficientNet
 from peft_jax.models.resnet import ResNet
 from peft_jax.models.vit import VIT_VARIANTS, ViT, resize_pos_embed
 
@@ -53,6 +59,28 @@ def _load_resnet(arch: str, ckpt: Checkpoint, *, num_classes: int | None, rngs: 
 
     check_fit(where, m, converted, expected_shapes(ctor), fresh=HEAD if reinit else ())
     return build(ctor, {p: a for p, (_, a) in converted.items()}, fresh=HEAD if reinit else (), rngs=rngs)
+
+
+def _load_efficientnet(arch: str, ckpt: Checkpoint, *, num_classes: int | None, rngs: nnx.Rngs, overrides: dict):
+    where = _where(ckpt)
+    base = efficientnet_config(arch, num_classes=1000, **overrides)
+    m = KeyMapper(ckpt.arrays)
+    efficientnet_ckpt.convert(m, base)
+    converted = m.converted
+    n, reinit = decide_head(where, _head_classes(converted), num_classes)
+    if reinit:
+        for p in HEAD:
+            converted.pop(p, None)
+    cfg = dataclasses.replace(base, num_classes=n)
+
+    def ctor(r):
+        return EfficientNet(cfg, rngs=r)
+
+    # Dropout and stochastic depth draw from their own streams: seeded from `rngs`, not from the file.
+    streams = tuple(p for p, v in nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: ctor(nnx.Rngs(0))), nnx.RngState)))
+    fresh = (HEAD if reinit else ()) + streams
+    check_fit(where, m, converted, expected_shapes(ctor), fresh=fresh)
+    return build(ctor, {p: a for p, (_, a) in converted.items()}, fresh=fresh, rngs=rngs)
 
 
 def _load_vit(
@@ -112,10 +140,14 @@ def from_pretrained(
     if arch not in MODEL_NAMES:
         raise unknown_name_error("model", arch, MODEL_NAMES + DIFFUSION_ARCHS + FEATURE_ARCHS)
     ckpt = read_checkpoint(resolve_checkpoint(path, arch=arch))
-    family = "resnet" if arch in RESNET_NAMES else "vit"
+    family = "resnet" if arch in RESNET_NAMES else "efficientnet" if arch in EFFICIENTNET_NAMES else "vit"
     if LAYOUTS[ckpt.layout][0] != family:
         raise CheckpointError(f"{_where(ckpt)} holds a {LAYOUTS[ckpt.layout][0]}, but arch is {arch}")
+    if ckpt.hf_config is not None:  # a timm or transformers folder (local or from the Hub) names its network
+        overrides = repo_overrides(arch, family, ckpt.hf_config, _where(ckpt), overrides)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     if arch in VIT_VARIANTS:
         return _load_vit(arch, ckpt, num_classes=num_classes, image_size=image_size, rngs=rngs, overrides=overrides)
+    if arch in EFFICIENTNET_NAMES:
+        return _load_efficientnet(arch, ckpt, num_classes=num_classes, rngs=rngs, overrides=overrides)
     return _load_resnet(arch, ckpt, num_classes=num_classes, rngs=rngs, overrides=overrides)

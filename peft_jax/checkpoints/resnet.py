@@ -21,7 +21,8 @@ def blocks(depth: int):
             yield s, b, n_convs, b == 0 and (s > 0 or kind == "bottleneck")
 
 
-def _batch_norm(m: KeyMapper, target: tuple, prefix: str) -> None:
+def map_torch_batch_norm(m: KeyMapper, target: tuple, prefix: str) -> None:
+    """torch BatchNorm2d weight, bias, running_mean, running_var -> nnx.BatchNorm scale, bias, mean, var."""
     m.map((*target, "scale"), f"{prefix}.weight")
     m.map((*target, "bias"), f"{prefix}.bias")
     m.map((*target, "mean"), f"{prefix}.running_mean")
@@ -32,15 +33,15 @@ def _batch_norm(m: KeyMapper, target: tuple, prefix: str) -> None:
 def convert_torchvision(m: KeyMapper, depth: int) -> None:
     """torchvision / timm names: conv1, bn1, layerS.B.convK, layerS.B.downsample.{0,1}, fc."""
     m.map(("conv1", "kernel"), "conv1.weight", torch_conv)
-    _batch_norm(m, ("bn1",), "bn1")
+    map_torch_batch_norm(m, ("bn1",), "bn1")
     for s, b, n_convs, projects in blocks(depth):
         layer, src = f"layer{s + 1}", f"layer{s + 1}.{b}"
         for k in range(1, n_convs + 1):
             m.map((layer, b, f"conv{k}", "kernel"), f"{src}.conv{k}.weight", torch_conv)
-            _batch_norm(m, (layer, b, f"bn{k}"), f"{src}.bn{k}")
+            map_torch_batch_norm(m, (layer, b, f"bn{k}"), f"{src}.bn{k}")
         if projects:
             m.map((layer, b, "downsample", "conv", "kernel"), f"{src}.downsample.0.weight", torch_conv)
-            _batch_norm(m, (layer, b, "downsample", "bn"), f"{src}.downsample.1")
+            map_torch_batch_norm(m, (layer, b, "downsample", "bn"), f"{src}.downsample.1")
     if m.has("fc.weight") or m.has("fc.bias"):
         m.map(("head", "kernel"), "fc.weight", torch_linear)
         m.map(("head", "bias"), "fc.bias")
@@ -50,15 +51,15 @@ def convert_hf(m: KeyMapper, depth: int) -> None:
     """transformers ResNetForImageClassification / ResNetModel on-disk names."""
     p = "resnet." if m.has("resnet.embedder.embedder.convolution.weight") else ""
     m.map(("conv1", "kernel"), f"{p}embedder.embedder.convolution.weight", torch_conv)
-    _batch_norm(m, ("bn1",), f"{p}embedder.embedder.normalization")
+    map_torch_batch_norm(m, ("bn1",), f"{p}embedder.embedder.normalization")
     for s, b, n_convs, projects in blocks(depth):
         layer, src = f"layer{s + 1}", f"{p}encoder.stages.{s}.layers.{b}"
         for k in range(n_convs):
             m.map((layer, b, f"conv{k + 1}", "kernel"), f"{src}.layer.{k}.convolution.weight", torch_conv)
-            _batch_norm(m, (layer, b, f"bn{k + 1}"), f"{src}.layer.{k}.normalization")
+            map_torch_batch_norm(m, (layer, b, f"bn{k + 1}"), f"{src}.layer.{k}.normalization")
         if projects:
             m.map((layer, b, "downsample", "conv", "kernel"), f"{src}.shortcut.convolution.weight", torch_conv)
-            _batch_norm(m, (layer, b, "downsample", "bn"), f"{src}.shortcut.normalization")
+            map_torch_batch_norm(m, (layer, b, "downsample", "bn"), f"{src}.shortcut.normalization")
     if m.has("classifier.1.weight") or m.has("classifier.1.bias"):
         m.map(("head", "kernel"), "classifier.1.weight", torch_linear)
         m.map(("head", "bias"), "classifier.1.bias")

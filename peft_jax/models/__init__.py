@@ -9,7 +9,8 @@ from flax import nnx
 from peft_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig
 
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
-MODEL_NAMES: tuple[str, ...] = tuple(VIT_VARIANTS) + RESNET_NAMES
+EFFICIENTNET_NAMES = tuple(f"efficientnet_lite{i}" for i in range(5))  # peft_jax/models/efficientnet.py
+MODEL_NAMES: tuple[str, ...] = tuple(VIT_VARIANTS) + RESNET_NAMES + EFFICIENTNET_NAMES
 DIFFUSION_ARCHS = ("unet2d_condition", "autoencoder_kl", "clip_text")  # loaded by checkpoints/diffusers.py
 FEATURE_ARCHS = ("inception_v3_fid",)  # FID's Inception-v3, loaded by checkpoints/inception.py
 
@@ -33,6 +34,17 @@ def vit_config(name: str, *, num_classes: int, image_size: int, **overrides) -> 
     return ViTConfig(num_classes=num_classes, image_size=image_size, **kwargs)
 
 
+def efficientnet_config(name: str, *, num_classes: int, **overrides):
+    """The EfficientNetConfig of a registered Lite variant; options: drop_connect_rate, dropout_rate."""
+    from peft_jax.models.efficientnet import lite_config
+
+    allowed = ("drop_connect_rate", "dropout_rate")
+    extra = sorted(k for k, v in overrides.items() if v is not None and k not in allowed)
+    if extra:
+        raise ValueError(f"EfficientNet-Lite takes only the model options {list(allowed)}, got {extra}")
+    return lite_config(name, num_classes=num_classes, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def create_model(name: str, *, num_classes: int, image_size: int = 224, rngs: nnx.Rngs, **overrides) -> nnx.Module:
     """Builds a randomly initialised model by registered name."""
     if name in VIT_VARIANTS:
@@ -44,6 +56,10 @@ def create_model(name: str, *, num_classes: int, image_size: int = 224, rngs: nn
         if extra:
             raise ValueError(f"ResNet takes no model options, got {sorted(extra)}")
         return ResNet(int(name.removeprefix("resnet")), num_classes=num_classes, rngs=rngs)
+    if name in EFFICIENTNET_NAMES:
+        from peft_jax.models.efficientnet import EfficientNet
+
+        return EfficientNet(efficientnet_config(name, num_classes=num_classes, **overrides), rngs=rngs)
     raise unknown_name_error("model", name, MODEL_NAMES)
 
 

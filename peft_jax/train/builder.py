@@ -12,8 +12,9 @@ from safetensors.numpy import load_file
 
 from peft_jax.adapters import apply_peft, trainable_filter
 from peft_jax.adapters.core import Filter
+from peft_jax.adapters.import_hf import start_from_hf_adapter
 from peft_jax.adapters.io import ADAPTER_FILE, put_arrays, read_adapter_config, state_hash
-from peft_jax.models import RESNET_NAMES, create_model, from_pretrained
+from peft_jax.models import EFFICIENTNET_NAMES, RESNET_NAMES, create_model, from_pretrained
 
 
 @dataclasses.dataclass
@@ -30,11 +31,11 @@ def model_overrides(cfg: ml_collections.ConfigDict) -> dict:
     if matmul_dtype not in (None, dtype, "bfloat16"):
         raise ValueError(f"train.matmul_dtype must be unset, 'bfloat16' or train.compute_dtype ({dtype!r}), got "
                          f"{matmul_dtype!r}")
-    if cfg.model.name in RESNET_NAMES:
+    if cfg.model.name in RESNET_NAMES + EFFICIENTNET_NAMES:
         if dtype != "float32" or matmul_dtype not in (None, "float32"):
             raise ValueError("train.compute_dtype / train.matmul_dtype 'bfloat16' are implemented for ViTs only; "
-                             "use float32 for ResNets")
-        return {}
+                             "use float32 for ResNets and EfficientNets")
+        return {} if cfg.model.name in RESNET_NAMES else {"drop_connect_rate": cfg.model.get("drop_connect_rate")}
     return dict(patch_size=cfg.model.patch_size, depth=cfg.model.depth, pool=cfg.model.pool,
                 scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, dtype=dtype, matmul_dtype=matmul_dtype)
 
@@ -77,6 +78,7 @@ def build(cfg: ml_collections.ConfigDict, num_classes: int) -> Built:
     model = backbone(cfg, num_classes)
     base_hash = state_hash(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("head")))))
     apply_peft(model, cfg.peft, rngs=nnx.Rngs(params=cfg.seed + 1))
+    start_from_hf_adapter(model, cfg)  # init.adapter: a PyTorch peft adapter to continue from
     return Built(model, trainable_filter(cfg.peft), base_hash)
 
 
