@@ -19,6 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+GENERATE = runpy.run_path(str(ROOT / "launch" / "generate.py"))  # the flag shell itself (defines its flags)
 
 from peft_jax.adapters import apply_peft, merge, trainable_filter  # noqa: E402
 from peft_jax.adapters.io import load_adapter, read_adapter_config  # noqa: E402
@@ -55,7 +56,7 @@ def test_generate_cli_writes_pngs_grid_and_paths(tiny_pipeline, lora_run, tmp_pa
                  "--prompt=No acute cardiopulmonary process.", f"--prompts_file={tmp_path / 'prompts.txt'}",
                  "--num_images=2", "--sampler=euler", "--steps=2", "--guidance=3", "--seed=0", "--batch_size=3",
                  f"--out={out}"])
-    runpy.run_path(str(ROOT / "launch" / "generate.py"))["main"](["generate.py"])  # the flag shell itself
+    GENERATE["main"](["generate.py"])
     printed = capsys.readouterr().out.split()
     names = ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png"]
     assert printed == [str(out / n) for n in names]  # 4 images in 2 batches of 3 (the last one padded)

@@ -80,6 +80,7 @@ def test_remat_without_scan_trains():
     cfg = base_config()
     cfg.model.name, cfg.model.image_size, cfg.model.patch_size, cfg.model.depth = "vit_ti16", 32, 8, 2
     cfg.model.remat = True
+    cfg.train.warmup_steps = 0  # the first step moves the weights
     built = builder.build(cfg, 2)
     state = setup(cfg, built.model, built.trainable, shd.make_mesh(cfg.mesh))
     train_step = step_lib.compile_steps(state, cfg.train).train

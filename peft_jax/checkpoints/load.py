@@ -16,7 +16,7 @@ from peft_jax.checkpoints.core import CheckpointError, KeyMapper, build, check_f
 from peft_jax.checkpoints.formats import LAYOUTS, Checkpoint, read_checkpoint
 from peft_jax.checkpoints.hub import repo_overrides
 from peft_jax.checkpoints.registry import resolve_checkpoint
-from peft_jax.models import (
+from peft_jax.models.registry import (
     DIFFUSION_ARCHS, EFFICIENTNET_NAMES, FEATURE_ARCHS, MODEL_NAMES, RESNET_NAMES, efficientnet_config,
     unknown_name_error, vit_config,
 )
@@ -119,7 +119,21 @@ def _load_vit(
     return build(lambda r: ViT(cfg, rngs=r), values, fresh=fresh, rngs=rngs)
 
 
-def from_pretrained(
+def from_pretrained(arch: str, path, **kwargs) -> nnx.Module:
+    """Any registered architecture with a checkpoint's weights: Stable Diffusion components from a diffusers
+    folder, FID's Inception-v3 from pytorch-fid's weights, classifiers as ``load_classifier``."""
+    if arch in DIFFUSION_ARCHS:
+        from peft_jax.checkpoints.diffusers import from_pretrained as load_diffusers
+
+        return load_diffusers(arch, path, **kwargs)
+    if arch in FEATURE_ARCHS:
+        from peft_jax.checkpoints.inception import from_pretrained as load_inception
+
+        return load_inception(path, **kwargs)
+    return load_classifier(arch, path, **kwargs)
+
+
+def load_classifier(
     arch: str,
     path: str | pathlib.Path,
     *,

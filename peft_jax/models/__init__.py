@@ -1,78 +1,18 @@
-"""Model registry: names -> plain NNX classifiers, and ``from_pretrained``."""
+"""Plain NNX models, one file per architecture; ``registry`` names them, ``from_pretrained`` loads weights."""
 from __future__ import annotations
-
-import dataclasses
-import difflib
 
 from flax import nnx
 
-from peft_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig
-
-RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
-EFFICIENTNET_NAMES = tuple(f"efficientnet_lite{i}" for i in range(5))  # peft_jax/models/efficientnet.py
-MODEL_NAMES: tuple[str, ...] = tuple(VIT_VARIANTS) + RESNET_NAMES + EFFICIENTNET_NAMES
-DIFFUSION_ARCHS = ("unet2d_condition", "autoencoder_kl", "clip_text")  # loaded by checkpoints/diffusers.py
-FEATURE_ARCHS = ("inception_v3_fid",)  # FID's Inception-v3, loaded by checkpoints/inception.py
-
-
-def unknown_name_error(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> ValueError:
-    """A ValueError that names the bad value, the closest valid ones and all valid ones."""
-    close = difflib.get_close_matches(name, valid, n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid)}")
-
-
-def vit_config(name: str, *, num_classes: int, image_size: int, **overrides) -> ViTConfig:
-    """The ViTConfig of a registered variant, with field overrides (e.g. patch_size, depth, pool)."""
-    if name not in VIT_VARIANTS:
-        raise unknown_name_error("ViT", name, tuple(VIT_VARIANTS))
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise ValueError(f"unknown ViT option(s) {bad}; valid: {sorted(fields)}")
-    kwargs = {**VIT_VARIANTS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return ViTConfig(num_classes=num_classes, image_size=image_size, **kwargs)
-
-
-def efficientnet_config(name: str, *, num_classes: int, **overrides):
-    """The EfficientNetConfig of a registered Lite variant; options: drop_connect_rate, dropout_rate."""
-    from peft_jax.models.efficientnet import lite_config
-
-    allowed = ("drop_connect_rate", "dropout_rate")
-    extra = sorted(k for k, v in overrides.items() if v is not None and k not in allowed)
-    if extra:
-        raise ValueError(f"EfficientNet-Lite takes only the model options {list(allowed)}, got {extra}")
-    return lite_config(name, num_classes=num_classes, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def create_model(name: str, *, num_classes: int, image_size: int = 224, rngs: nnx.Rngs, **overrides) -> nnx.Module:
-    """Builds a randomly initialised model by registered name."""
-    if name in VIT_VARIANTS:
-        return ViT(vit_config(name, num_classes=num_classes, image_size=image_size, **overrides), rngs=rngs)
-    if name in RESNET_NAMES:
-        from peft_jax.models.resnet import ResNet
-
-        extra = {k: v for k, v in overrides.items() if v is not None}
-        if extra:
-            raise ValueError(f"ResNet takes no model options, got {sorted(extra)}")
-        return ResNet(int(name.removeprefix("resnet")), num_classes=num_classes, rngs=rngs)
-    if name in EFFICIENTNET_NAMES:
-        from peft_jax.models.efficientnet import EfficientNet
-
-        return EfficientNet(efficientnet_config(name, num_classes=num_classes, **overrides), rngs=rngs)
-    raise unknown_name_error("model", name, MODEL_NAMES)
+from peft_jax.models.registry import (  # noqa: F401  (the public names of the registry)
+    DIFFUSION_ARCHS, EFFICIENTNET_NAMES, FEATURE_ARCHS, MODEL_NAMES, RESNET_NAMES, create_model, efficientnet_config,
+    unknown_name_error, vit_config,
+)
 
 
 def from_pretrained(arch: str, path, **kwargs) -> nnx.Module:
-    """An NNX model of ``arch`` with the weights of a checkpoint file or directory (format detected)."""
-    if arch in DIFFUSION_ARCHS:  # Stable Diffusion components from a diffusers folder
-        from peft_jax.checkpoints.diffusers import from_pretrained as load_diffusers
-
-        return load_diffusers(arch, path, **kwargs)
-    if arch in FEATURE_ARCHS:  # pytorch-fid's Inception-v3 weights
-        from peft_jax.checkpoints.inception import from_pretrained as load_inception
-
-        return load_inception(path, **kwargs)
-    from peft_jax.checkpoints import from_pretrained as load
+    """An NNX model of ``arch`` with the weights of a checkpoint file, directory or registered name (format
+    detected): the entry point of DESIGN.md. The loaders live one layer up, in peft_jax.checkpoints (which
+    imports ``peft_jax.models.registry``, never this function), and are imported on first use."""
+    from peft_jax.checkpoints.load import from_pretrained as load
 
     return load(arch, path, **kwargs)
