@@ -24,20 +24,14 @@ HEADING = "## BatchNorm statistics under PEFT (`benchmarks/bn_stats.py`)"
 
 
 def config(**changes):
-    from peft_jax.config import base_config
+    from peft_jax.config import base_config, with_values
 
     c = base_config()
     c.model.name, c.model.image_size = "resnet18", 28
     c.dataset.name = "breastmnist"
     c.train.update(batch_size=32, eval_every=25, checkpoint_every=1000, log_every=25, patience=0, progress=False,
                    warmup_steps=10, num_steps=200, lr=2e-2)
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return with_values(c, changes, "benchmarks/bn_stats.py")
 
 
 def main() -> None:

@@ -22,6 +22,19 @@ def shared_data() -> pathlib.Path:
     return pathlib.Path(root)
 
 
+@pytest.fixture
+def ham_manual(shared_data, tmp_path) -> pathlib.Path:
+    """HAM10000 in its release layout: the official metadata rows of the 140 shared images, images in part_1."""
+    manual = tmp_path / "ham"
+    manual.mkdir()
+    os.symlink(shared_data / "ham10000" / "images", manual / "HAM10000_images_part_1")
+    present = {p.stem for p in (shared_data / "ham10000" / "images").iterdir()}
+    lines = (shared_data / "ham10000" / "HAM10000_metadata.csv").read_text().splitlines()
+    (manual / "HAM10000_metadata.csv").write_text(
+        "\n".join([lines[0]] + [line for line in lines[1:] if line.split(",")[1] in present]) + "\n")
+    return manual
+
+
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory) -> pathlib.Path:
     """A random-weight Stable Diffusion pipeline folder (peft_jax.testing.tiny_sd_pipeline), once per module."""

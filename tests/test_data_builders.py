@@ -135,19 +135,6 @@ def test_chest_xray_missing_train_folder(tmp_path):
         data.load_dataset(_cfg("chest_xray_pneumonia", tmp_path, tmp_path / "tfds"), seed=0)
 
 
-@pytest.fixture
-def ham_manual(shared_data, tmp_path):
-    """Release layout: the official metadata rows of the 140 shared images, images in part_1."""
-    manual = tmp_path / "ham"
-    manual.mkdir()
-    os.symlink(shared_data / "ham10000" / "images", manual / "HAM10000_images_part_1")
-    present = {p.stem for p in (shared_data / "ham10000" / "images").iterdir()}
-    lines = (shared_data / "ham10000" / "HAM10000_metadata.csv").read_text().splitlines()
-    (manual / "HAM10000_metadata.csv").write_text(
-        "\n".join([lines[0]] + [l for l in lines[1:] if l.split(",")[1] in present]) + "\n")
-    return manual
-
-
 def test_ham10000_lesion_grouped_splits_and_subgroups(ham_manual, tmp_path):
     ds = data.load_dataset(_cfg("ham10000", ham_manual, tmp_path / "tfds"), seed=0)
     assert ds.class_names == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]

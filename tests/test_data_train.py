@@ -8,14 +8,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_train_on_ham10000_release_layout_reports_subgroups(shared_data, tmp_path):
-    manual = tmp_path / "ham"
-    manual.mkdir()
-    os.symlink(shared_data / "ham10000" / "images", manual / "HAM10000_images_part_1")
-    present = {p.stem for p in (shared_data / "ham10000" / "images").iterdir()}
-    lines = (shared_data / "ham10000" / "HAM10000_metadata.csv").read_text().splitlines()
-    (manual / "HAM10000_metadata.csv").write_text(
-        "\n".join([lines[0]] + [line for line in lines[1:] if line.split(",")[1] in present]) + "\n")
+def test_train_on_ham10000_release_layout_reports_subgroups(ham_manual, tmp_path):
+    manual = ham_manual
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={ROOT / 'configs' / 'vit_b_lora.py'}",
            "--config.dataset.name=ham10000", f"--config.dataset.manual_dir={manual}",
            f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.model.name=vit_ti16",
