@@ -37,10 +37,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft.num_tokens = 10  # VPT prompt tokens (per layer for vpt_deep)
     c.peft.prompt_dropout = 0.0  # VPT dropout on the prompt tokens (Jia et al.'s default)
     c.peft.bottleneck = 64  # hidden width of adapter_houlsby / adapter_pfeiffer / adaptformer
-    c.peft.activation = "relu"  # bottleneck adapters' non-linearity: relu or gelu
+    # bottleneck adapters' non-linearity: relu, gelu or gelu_tanh (None: the reference's, gelu_tanh for
+    # adapter_houlsby, relu for adapter_pfeiffer and adaptformer)
+    c.peft.activation = ml_collections.config_dict.placeholder(str)
+    c.peft.adapter_norms = True  # adapter_houlsby also trains the LayerNorms, as adapter-bert does
     c.peft.scale = ml_collections.config_dict.placeholder(float)  # adapter output scale (None: the method's default)
-    c.peft.dropout = ml_collections.config_dict.placeholder(float)  # dropout inside fact/repadapter/convpass (None: 0.1)
+    # dropout inside fact/repadapter/convpass/adaptformer (None: 0.1)
+    c.peft.dropout = ml_collections.config_dict.placeholder(float)
     c.peft.groups = 2  # RepAdapter's grouped up-projection
+    # FacT-TK's MLP cores: "official" (JieShibo/PETL-ViT fact_tk.py, behind the published numbers) or "paper"
+    c.peft.fact_tk_mlp = "official"
     c.peft.tsa_form = "matrix"  # TSA adapters: "matrix" (parallel 1x1 convolution) or "channel" (per-channel scale)
     c.peft.tsa_alignment = False  # TSA: also the pre-classifier alignment (a DxD map of the pooled feature)
     c.peft.reduction = 8  # Conv-Adapter's channel compression gamma (hidden channels = C_in / gamma)

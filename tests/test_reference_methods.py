@@ -305,3 +305,207 @@ def test_residual_adapter_trains_what_the_reference_trains():
     norms = {"/".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)}
     assert trained_names(model, cfg) == (adapters | {f"{n}/{leaf}" for n in norms for leaf in ("scale", "bias")}
                                          | {"head/kernel", "head/bias"})
+
+
+# ============================================================================ ViT methods
+# A one-block ViT-Ti (width 192, 3 heads, MLP 768); its block against a torch pre-norm block (timm's
+# ``Block``) whose linear layers are the method's, written from the method's reference code.
+
+LINEARS = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/fc1", "mlp/fc2")
+
+
+def vit_block(method, **kw):
+    cfg = peft_cfg(method, **kw)
+    model = apply_peft(create_model("vit_ti16", num_classes=2, image_size=32, patch_size=8, depth=1,
+                                    rngs=nnx.Rngs(0)), cfg, rngs=nnx.Rngs(1))
+    perturb(model, nnx.Param, 2, std=0.05)  # every weight, adapters included, away from its start
+    model.eval()
+    return model.blocks[0], cfg
+
+
+def torch_leaves(module) -> dict[str, torch.Tensor]:
+    """Every parameter of ``module`` as a torch leaf in the Flax layout, keyed by its path."""
+    return {"/".join(map(str, p)): t(v.get_value()).requires_grad_(True)
+            for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def base_linear(w, name, x):
+    """The frozen projection ``name`` (possibly wrapped: its weights then sit under ``base/``)."""
+    prefix = name if f"{name}/kernel" in w else f"{name}/base"
+    return x @ w[f"{prefix}/kernel"] + w[f"{prefix}/bias"]
+
+
+def torch_vit_block(block, w, x, linear, mlp_act=None):
+    """timm ``Block.forward`` (pre-norm) in torch; ``linear(name, h)`` computes each projection."""
+    d, heads = x.shape[-1], block.attn.num_heads if hasattr(block, "attn") else block.base.attn.num_heads
+    eps = block.norm1.epsilon
+    mlp_act = mlp_act or (lambda h: F.gelu(h, approximate="tanh" if block.mlp.approximate else "none"))
+    h = F.layer_norm(x, (d,), w["norm1/scale"], w["norm1/bias"], eps)
+    b, n, _ = h.shape
+    q, k, v = (linear(f"attn/{p}", h).reshape(b, n, heads, d // heads).transpose(1, 2)
+               for p in ("query", "key", "value"))
+    att = ((q @ k.transpose(-2, -1)) / (d // heads) ** 0.5).softmax(-1)
+    x = x + linear("attn/out", (att @ v).transpose(1, 2).reshape(b, n, d))
+    h = F.layer_norm(x, (d,), w["norm2/scale"], w["norm2/bias"], eps)
+    return x + linear("mlp/fc2", mlp_act(linear("mlp/fc1", h)))
+
+
+def compare_tokens(module, reference, x):
+    """``module(x)`` vs ``reference(w, x)`` (``w``: torch leaves of every parameter): output, input
+    gradient and the gradient of every parameter, for a random cotangent; relative differences."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    cot = normal(9, jax.eval_shape(lambda p: nnx.merge(graphdef, p, rest)(x), params).shape)
+
+    def loss(p, x):
+        y = nnx.merge(graphdef, p, rest)(x)
+        return jnp.sum(y * cot), y
+
+    (_, out), (g_params, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    w = torch_leaves(module)
+    xt = t(x).requires_grad_(True)
+    out_t = reference(w, xt)
+    (out_t * t(cot)).sum().backward()
+    pairs = {"output": (out, out_t.detach()), "grad input": (g_x, xt.grad)}
+    grads = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(g_params)}
+    for name, leaf in w.items():
+        assert leaf.grad is not None, f"the reference does not use {name}"
+        pairs[f"grad {name}"] = (grads[name], leaf.grad)
+    rel = report_diffs(pairs)
+    return rel
+
+
+def tokens(seed=4):
+    return normal(seed, (2, 17, 192))
+
+
+def test_adapter_houlsby_matches_adapter_bert():
+    """google-research/adapter-bert ``modeling.py`` ``feedforward_adapter``: ``x + gelu(x W1 + b1) W2 + b2``
+    (BERT's tanh GELU) on the output of the attention projection and of the MLP, before the residual."""
+    block, _ = vit_block("adapter_houlsby")
+
+    def linear(w, name, h):
+        y = base_linear(w, name, h)
+        if name not in ("attn/out", "mlp/fc2"):
+            return y
+        a = f"{name}/adapter"
+        gelu = 0.5 * (1.0 + torch.tanh((2 / np.pi) ** 0.5 * (y @ w[f"{a}/down_kernel"] + w[f"{a}/down_bias"]
+                                                              + 0.044715 * (y @ w[f"{a}/down_kernel"]
+                                                                            + w[f"{a}/down_bias"]) ** 3)))
+        net = (y @ w[f"{a}/down_kernel"] + w[f"{a}/down_bias"]) * gelu
+        return net @ w[f"{a}/up_kernel"] + w[f"{a}/up_bias"] + y
+
+    diffs = compare_tokens(block, lambda w, x: torch_vit_block(block, w, x, lambda n, h: linear(w, n, h)), tokens())
+    assert max(diffs.values()) < 1e-5, diffs
+
+
+def test_adapter_houlsby_init_and_trained_variables_follow_adapter_bert():
+    """Both projections truncated-normal (sigma 1e-3, cut at 2 sigma), biases zero; ``optimization.py``
+    trains the "adapters", "layer_norm" and "head" collections: every LayerNorm of the ViT."""
+    cfg = peft_cfg("adapter_houlsby")
+    model = apply_peft(create_model("vit_ti16", num_classes=2, image_size=32, patch_size=8, depth=2,
+                                    rngs=nnx.Rngs(0)), cfg, rngs=nnx.Rngs(1))
+    adapter = model.blocks[0].mlp.fc2.adapter
+    for kernel in (adapter.down_kernel[...], adapter.up_kernel[...]):
+        assert 0.7e-3 < float(jnp.std(kernel)) < 1e-3 and float(jnp.abs(kernel).max()) <= 2e-3
+    assert not np.any(adapter.down_bias[...]) and not np.any(adapter.up_bias[...])
+    leaves = ("down_kernel", "down_bias", "up_kernel", "up_bias")
+    want = ({f"blocks/{i}/{n}/adapter/{leaf}" for i in range(2) for n in ("attn/out", "mlp/fc2") for leaf in leaves}
+            | {f"blocks/{i}/{n}/{p}" for i in range(2) for n in ("norm1", "norm2") for p in ("scale", "bias")}
+            | {"norm/scale", "norm/bias", "head/kernel", "head/bias"})
+    assert trained_names(model, cfg) == want
+    assert trained_names(model, peft_cfg("adapter_houlsby", adapter_norms=False)) == {
+        n for n in want if "adapter" in n or n.startswith("head/")}
+
+
+def test_adaptformer_matches_the_reference_block():
+    """ShoufaChen/AdaptFormer ``models/custom_modules.py`` ``Block.forward`` (``ffn_option="parallel"``,
+    no adapter LayerNorm, scalar 0.1) with ``models/adapter.py`` ``Adapter``: up(dropout(relu(down(x))))."""
+    block, _ = vit_block("adaptformer")
+
+    def reference(w, x):
+        b = {k[len("base/"):]: v for k, v in w.items() if k.startswith("base/")}
+        d, eps = x.shape[-1], block.base.norm1.epsilon
+        h = F.layer_norm(x, (d,), b["norm1/scale"], b["norm1/bias"], eps)
+        heads = block.base.attn.num_heads
+        bb, n, _ = h.shape
+        q, k, v = (base_linear(b, f"attn/{p}", h).reshape(bb, n, heads, d // heads).transpose(1, 2)
+                   for p in ("query", "key", "value"))
+        att = ((q @ k.transpose(-2, -1)) / (d // heads) ** 0.5).softmax(-1)
+        x = x + base_linear(b, "attn/out", (att @ v).transpose(1, 2).reshape(bb, n, d))
+        adapt = F.relu(x @ w["adapter/down_kernel"] + w["adapter/down_bias"]) @ w["adapter/up_kernel"] \
+            + w["adapter/up_bias"]
+        act = "tanh" if block.base.mlp.approximate else "none"
+        h = F.layer_norm(x, (d,), b["norm2/scale"], b["norm2/bias"], eps)
+        mlp = base_linear(b, "mlp/fc2", F.gelu(base_linear(b, "mlp/fc1", h), approximate=act))
+        return x + mlp + 0.1 * adapt
+
+    diffs = compare_tokens(block, reference, tokens())
+    assert max(diffs.values()) < 1e-5, diffs
+
+
+def test_adaptformer_drops_the_hidden_units_at_the_reference_rate():
+    """``Adapter(dropout=0.1)``: dropout on the ReLU output (``F.dropout(down, p)``), only in training."""
+    block, _ = vit_block("adaptformer")
+    adapter = block.adapter
+    assert adapter.dropout.rate == 0.1
+    x = tokens()
+    eval_out = block(x)
+    adapter.dropout.rate = 0.5
+    block.train()
+    hidden = jax.nn.relu(x @ adapter.down_kernel[...] + adapter.down_bias[...])
+    # up(mask * hidden / (1 - p)) + b: recover mask / (1 - p) through the (full-rank) up-projection
+    kept = jnp.linalg.lstsq(adapter.up_kernel[...].T, (adapter(x) - adapter.up_bias[...]).reshape(-1, 192).T)[0]
+    ratio = np.asarray(kept.T.reshape(hidden.shape) / jnp.where(hidden == 0, 1.0, hidden))[np.asarray(hidden) > 1e-2]
+    assert set(np.round(ratio, 2)) <= {0.0, 2.0} and 0.4 < np.mean(ratio < 1) < 0.6
+    adapter.dropout.rate = 0.1
+    block.eval()
+    np.testing.assert_allclose(block(x), eval_out, rtol=1e-6)
+
+
+def fact_tk_reference_linear(w, name, h, form):
+    """JieShibo/PETL-ViT ``FacT/fact_tk.py``: ``fact_forward_attn`` and (``form="official"``)
+    ``fact_forward_mlp``; ``form="paper"``: the paper's slices (C_m = T[:, :, m], not transposed).
+
+    FacTu / FacTv are ``nn.Linear`` (weights ``u.T``, ``v.T``); FacTc is G (r, r, r); the model-wide
+    FacTp (r, 144) holds, per block, the P columns of q, k, v, proj, then fc1 (4) and fc2 (4): here each
+    layer's own columns."""
+    y = base_linear(w, name, h)
+    shared = next(k[: -len("/u")] for k in w if k.endswith("shared/u"))
+    u, v, g = w[f"{shared}/u"], w[f"{shared}/v"], w[f"{shared}/core_tensor"]
+    fact_u, fact_v = (lambda z: F.linear(z, u.T)), (lambda z: F.linear(z, v.T))
+    c = g @ w[f"{name}/p"]  # (r, r, n): FacTc @ FacTp[:, idx:idx + n]
+    r, n = u.shape[1], c.shape[-1]
+    b, tok, dim = h.shape
+    if name.startswith("attn/"):
+        return y + fact_v(fact_u(h) @ c[:, :, 0])
+    if form == "official" and name == "mlp/fc1":
+        return y + fact_v((fact_u(h) @ c.reshape(r, n * r)).reshape(b, tok, n, r)).reshape(b, tok, -1)
+    if form == "official":  # fc2
+        return y + fact_v(fact_u(h.reshape(b, tok, n, dim // n)).reshape(b, tok, n * r) @ c.reshape(r, n * r).t())
+    if name == "mlp/fc1":
+        return y + torch.cat([fact_v(fact_u(h) @ c[:, :, m]) for m in range(n)], dim=-1)
+    parts = h.reshape(b, tok, n, dim // n)
+    return y + sum(fact_v(fact_u(parts[:, :, m]) @ c[:, :, m]) for m in range(n))
+
+
+@pytest.mark.parametrize("form", ["official", "paper"])
+def test_fact_tk_matches_the_official_code_or_the_paper(form):
+    block, _ = vit_block("fact_tk", fact_tk_mlp=form, dropout=0.0)
+    diffs = compare_tokens(
+        block, lambda w, x: torch_vit_block(block, w, x, lambda n, h: fact_tk_reference_linear(w, n, h, form)),
+        tokens())
+    assert max(diffs.values()) < 1e-5, diffs
+
+
+def test_fact_tk_forms_differ_and_merge():
+    """The two MLP definitions are different functions of the same parameters; both fold into the kernels."""
+    from peft_jax.adapters import merge
+
+    x = tokens()
+    outs = {}
+    for form in ("official", "paper"):
+        block, cfg = vit_block("fact_tk", fact_tk_mlp=form, dropout=0.0)
+        outs[form] = block(x)
+    assert float(jnp.abs(outs["official"] - outs["paper"]).max()) > 1e-3
+    with pytest.raises(ValueError, match="peft.fact_tk_mlp must be one of"):
+        vit_block("fact_tk", fact_tk_mlp="tucker")
