@@ -126,3 +126,44 @@ def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
     close = difflib.get_close_matches(key, all_keys(config), n=4, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return f"unknown config key {key!r}.{hint}"
+
+
+# Fields of the driver sections whose keys are names the user picks (methods, models, datasets).
+FREE_FORM = ("sweep.space", "benchmark.overrides")
+
+
+def experiment_schema(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``base_config()`` with the schema of each driver section (sweep, benchmark) that ``config`` has."""
+    schema = base_config()
+    if "sweep" in config:
+        from peft_jax.hpo.sweep import sweep_section  # the hpo package imports this module
+
+        schema.sweep = sweep_section()
+    if "benchmark" in config:
+        from peft_jax.hpo.benchmark import benchmark_section
+
+        schema.benchmark = benchmark_section("", "", "", "", "")
+    return schema
+
+
+def check_config_keys(config: ml_collections.ConfigDict, where: str, *, schema: ml_collections.ConfigDict | None = None,
+                      free: tuple[str, ...] = ()) -> None:
+    """Refuses a key that the schema lacks (a typo in a config *file*), as overrides are refused.
+
+    ``schema`` defaults to ``experiment_schema(config)``; the dotted keys in ``free`` (and
+    ``FREE_FORM``) hold sections whose keys are not checked (e.g. ``quickstart``).
+    """
+    schema = experiment_schema(config) if schema is None else schema
+    skip = set(free) | set(FREE_FORM)
+
+    def visit(node: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str) -> None:
+        for key, value in node.items():
+            name = prefix + key
+            if name in skip:
+                continue
+            if key not in reference:
+                raise ValueError(f"{where}: {unknown_key_message(schema, name)}")
+            if isinstance(value, ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+                visit(value, reference[key], name + ".")
+
+    visit(config, schema, "")

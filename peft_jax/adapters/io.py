@@ -13,9 +13,11 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from peft_jax.adapters.core import Filter, path_str
+from peft_jax.files import read_json
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -59,42 +61,77 @@ def save_adapter(directory: str | pathlib.Path, model: nnx.Module, trainable: Fi
 
 
 def read_adapter_config(directory: str | pathlib.Path) -> dict:
+    """adapter_config.json, refused (naming the file) unless it holds the method config and the base hash."""
     path = pathlib.Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: an adapter folder holds {ADAPTER_FILE} and {CONFIG_FILE}")
-    return json.loads(path.read_text())
+    meta = read_json(path, "save the adapter again")
+    missing = [k for k in ("peft", "base_hash") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks {' and '.join(missing)}: it was not written by save_adapter (or was edited); "
+                         "save the adapter again")
+    return meta
+
+
+def _check_method(directory: pathlib.Path, stored: dict, model: nnx.Module,
+                  peft_config: ml_collections.ConfigDict | None) -> None:
+    """Every field of the stored method config (rank, alpha, targets, ...) must equal the one the model was built with."""
+    if peft_config is not None:
+        built = json.loads(json.dumps(peft_config.to_dict()))
+    elif getattr(model, "peft_applied", None) is not None:
+        built = json.loads(model.peft_applied)
+    else:
+        raise ValueError(f"adapter {directory}: the model has no PEFT surgery recorded; apply_peft(model, peft) "
+                         "first or pass peft_config")
+    differ = {k: (stored.get(k), built.get(k)) for k in sorted(set(stored) | set(built)) if stored.get(k) != built.get(k)}
+    if differ:
+        raise ValueError(f"adapter {directory} was trained with another PEFT config: "
+                         + ", ".join(f"peft.{k}: adapter {a!r} vs {b!r}" for k, (a, b) in differ.items()))
 
 
 def load_adapter(model: nnx.Module, directory: str | pathlib.Path, trainable: Filter, *,
                  base_hash: str | None, peft_config: ml_collections.ConfigDict | None = None) -> dict:
     """Loads an adapter onto a model that already has the method's surgery applied.
 
-    Errors if the base weights' hash or the method config differ, or if any key or shape
-    disagrees, naming them.
+    Errors if the base weights' hash or any field of the method config differs (from
+    ``peft_config``, else from the config ``apply_peft`` recorded on the model), or if any key,
+    shape or dtype disagrees, naming them.
     """
     directory = pathlib.Path(directory)
     meta = read_adapter_config(directory)
     if base_hash is not None and meta["base_hash"] != base_hash:
         raise ValueError(
-            f"adapter {directory} was trained on different base weights (hash {meta['base_hash'][:12]}..., "
+            f"adapter {directory} was trained on different base weights (hash {str(meta['base_hash'])[:12]}..., "
             f"this backbone has {base_hash[:12]}...); load it onto the backbone it was trained on")
-    if peft_config is not None:
-        differ = {k: (meta["peft"].get(k), v) for k, v in peft_config.to_dict().items() if meta["peft"].get(k) != v}
-        if differ:
-            raise ValueError(f"adapter {directory} was trained with another PEFT config: "
-                             + ", ".join(f"peft.{k}: adapter {a!r} vs {b!r}" for k, (a, b) in differ.items()))
-    arrays = load_file(str(directory / ADAPTER_FILE))
-    for prefix, filt in (("params/", trainable), ("state/", nnx.BatchStat)):
-        state = nnx.state(model, filt)
-        expected = flat_arrays(state)
-        got = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        wrong = [f"{k}: file {got[k].shape} vs model {expected[k].shape}" for k in expected
-                 if k in got and got[k].shape != expected[k].shape]
-        if missing or unexpected or wrong:
-            raise ValueError(f"adapter {directory} does not fit this model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
+    _check_method(directory, meta["peft"], model, peft_config)
+    try:
+        arrays = load_file(str(directory / ADAPTER_FILE))
+    except (SafetensorError, OSError) as e:  # a truncated copy, another format under this name
+        raise ValueError(f"{directory / ADAPTER_FILE} is not a readable safetensors file ({e}); save or copy the "
+                         "adapter again") from None
+    checked = [(nnx.state(model, filt), _fitting(directory, model, filt, arrays, prefix))
+               for prefix, filt in (("params/", trainable), ("state/", nnx.BatchStat))]
+    for state, got in checked:  # nothing is changed unless every array fits
         for path, var in nnx.to_flat_state(state):
             var.set_value(jax.numpy.asarray(got[path_str(path)]))
         nnx.update(model, state)
     return meta
+
+
+def _fitting(directory: pathlib.Path, model: nnx.Module, filt: Filter, arrays: dict[str, np.ndarray],
+             prefix: str) -> dict[str, np.ndarray]:
+    """The file's arrays under ``prefix``, after checking their names, shapes and dtypes against the model's."""
+    expected = flat_arrays(nnx.state(model, filt))
+    got = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = [f"{k}: file {got[k].shape} vs model {expected[k].shape}" for k in expected
+             if k in got and got[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"adapter {directory} does not fit this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
+    dtypes = [f"{k}: file {got[k].dtype} vs model {expected[k].dtype}" for k in expected
+              if got[k].dtype != expected[k].dtype]
+    if dtypes:
+        raise ValueError(f"adapter {directory} holds arrays of another dtype: {', '.join(dtypes[:5])}; "
+                         "save the adapter again from the model it was trained as")
+    return got

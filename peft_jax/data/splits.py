@@ -66,9 +66,29 @@ class DatasetSplits:
     validation: Split
     test: Split
 
+    def __post_init__(self):
+        """Every loader builds one of these: labels and non-empty splits are checked here, once."""
+        for split_name in ("train", "validation", "test"):
+            split = getattr(self, split_name)
+            if not len(split):
+                raise ValueError(f"dataset {self.name!r}: the {split_name} split is empty; check the dataset's "
+                                 "files (or its manual_dir) and prepare it again")
+            check_labels(split.labels, self.num_classes, f"dataset {self.name!r} {split_name} split")
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Refuses labels outside [0, num_classes): they would train against an all-zero one-hot."""
+    labels = np.asarray(labels)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        values, counts = np.unique(bad, return_counts=True)
+        found = ", ".join(f"{int(v)} ({int(n)}x)" for v, n in zip(values[:5], counts[:5]))
+        raise ValueError(f"{where}: labels must be in [0, {num_classes}) for its {num_classes} classes, found "
+                         f"{found}; fix the labels in the dataset's files (or its class list)")
 
 
 def stratified_subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

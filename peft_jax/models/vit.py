@@ -44,6 +44,15 @@ class ViTConfig:
     # activations: bf16 products that accumulate in float32, every other operation in float32.
     matmul_dtype: str | None = None
 
+    def __post_init__(self):
+        # A smaller image trains on the class token alone; a remainder is silently cropped away.
+        if self.patch_size < 1 or self.image_size < self.patch_size or self.image_size % self.patch_size:
+            p = max(1, self.patch_size)
+            near = sorted({max(p, self.image_size // p * p), max(p, -(-self.image_size // p) * p)})
+            raise ValueError(f"model.image_size={self.image_size} must be a positive multiple of model.patch_size="
+                             f"{self.patch_size} (at least one patch); the nearest valid sizes are "
+                             f"{' and '.join(map(str, near))}")
+
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
