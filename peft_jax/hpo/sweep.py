@@ -270,8 +270,12 @@ def fail_dead_trials(study: optuna.Study, pids: set[int] | None = None, retry: b
             continue
         if (pids is not None and pid in pids) or (pids is None and not _pid_alive(pid)):
             reason = "its process died" if pids is None else "its worker process crashed"
-            study._storage.set_trial_user_attr(t._trial_id, "error", reason)
-            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            try:
+                study._storage.set_trial_user_attr(t._trial_id, "error", reason)
+                failed = study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another sweep process on this host failed (and retried) it first
+            if failed:
                 count += 1
                 if retry:
                     _retry(study, study._storage.get_trial(t._trial_id))
