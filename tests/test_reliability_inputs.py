@@ -260,14 +260,20 @@ def _alive(pid: int) -> bool:
 # ------------------------------------------------------------------ stale prepared data
 
 
-def test_a_changed_manual_folder_is_prepared_again(shared_data, tmp_path, capfd):
+def busi_cfg(shared_data: pathlib.Path, tmp_path: pathlib.Path, per_class: int = 30) -> ml_collections.ConfigDict:
+    """A BUSI manual folder of links to the shared images, and the dataset config that prepares it."""
     manual = tmp_path / "busi"
     for cls in ("benign", "malignant", "normal"):
         (manual / cls).mkdir(parents=True)
-        for f in sorted((shared_data / "busi" / cls).iterdir()):
+        for f in sorted((shared_data / "busi" / cls).iterdir())[:per_class]:
             os.symlink(f, manual / cls / f.name)
-    cfg = ml_collections.ConfigDict(dict(name="busi", manual_dir=str(manual), data_dir=str(tmp_path / "tfds"),
-                                         fraction=1.0, config=None, skip_bad_files=False))
+    return ml_collections.ConfigDict(dict(name="busi", manual_dir=str(manual), data_dir=str(tmp_path / "tfds"),
+                                          fraction=1.0, config=None, skip_bad_files=False))
+
+
+def test_a_changed_manual_folder_is_prepared_again(shared_data, tmp_path, capfd):
+    cfg = busi_cfg(shared_data, tmp_path)
+    manual = pathlib.Path(cfg.manual_dir)
     total = lambda ds: len(ds.train) + len(ds.validation) + len(ds.test)  # noqa: E731
     assert total(data.load_dataset(cfg, seed=0)) == 90
     assert total(data.load_dataset(cfg, seed=0)) == 90 and "preparing" not in capfd.readouterr().err  # reused
@@ -276,3 +282,12 @@ def test_a_changed_manual_folder_is_prepared_again(shared_data, tmp_path, capfd)
     assert total(data.load_dataset(cfg, seed=0)) == 70
     err = capfd.readouterr().err
     assert f"[data] busi: {manual} holds 70 files now, 90 when it was prepared; preparing" in err
+
+
+def test_a_damaged_preparation_is_named_with_the_fix(shared_data, tmp_path):
+    cfg = busi_cfg(shared_data, tmp_path, per_class=5)
+    data.load_dataset(cfg, seed=0)
+    info = next((tmp_path / "tfds").rglob("dataset_info.json"))
+    info.write_text("{broken")
+    with pytest.raises(ValueError, match=rf"the prepared dataset {info.parent} is damaged .*delete that folder"):
+        data.load_dataset(cfg, seed=0)

@@ -35,9 +35,26 @@ def default_manual_dir(name: str) -> pathlib.Path | None:
 def make_builder(name: str, *, data_dir: str | os.PathLike | None = None, config: str | None = None,
                  skip_bad_files: bool = False):
     """The TFDS builder of `name`, writing / reading array_record files under `data_dir`."""
+    from google.protobuf import json_format  # pylint: disable=g-import-not-at-top
+
     data_dir = os.fspath(data_dir) if data_dir else os.fspath(download_lib.cache_dir("tfds"))
-    return builders.get(name)(data_dir=data_dir, config=config, file_format="array_record",
-                              skip_bad_files=skip_bad_files)
+    try:
+        return builders.get(name)(data_dir=data_dir, config=config, file_format="array_record",
+                                  skip_bad_files=skip_bad_files)
+    except json_format.ParseError as e:  # TFDS reads the prepared copy's dataset_info.json here
+        root = pathlib.Path(data_dir, name) if pathlib.Path(data_dir, name).is_dir() else pathlib.Path(data_dir)
+        damaged = sorted(str(f.parent) for f in root.rglob("dataset_info.json") if not _parses(f))
+        raise ValueError(f"the prepared dataset {', '.join(damaged) or data_dir} is damaged (its dataset_info.json "
+                         f"does not parse: {e}); delete that folder and run again to prepare it from its manual "
+                         "directory") from None
+
+
+def _parses(path: pathlib.Path) -> bool:
+    try:
+        read_json(path, "")
+    except ValueError:
+        return False
+    return True
 
 
 def prepare(name: str, *, manual_dir: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
