@@ -21,11 +21,14 @@ class Split:
     images: np.ndarray | Sequence[np.ndarray]
     labels: np.ndarray
     subgroups: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    ids: np.ndarray | None = None  # the example ids of a TFDS-built dataset (e.g. HAM10000 image ids)
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int32).reshape(-1)
         if len(self.images) != len(self.labels):
             raise ValueError(f"Split has {len(self.images)} images but {len(self.labels)} labels.")
+        if self.ids is not None and len(self.ids) != len(self.labels):
+            raise ValueError(f"Split has {len(self.ids)} ids for {len(self.labels)} examples.")
         for key, values in self.subgroups.items():
             if len(values) != len(self.labels):
                 raise ValueError(f"Subgroup {key!r} has {len(values)} values for {len(self.labels)} examples.")
@@ -39,7 +42,8 @@ class Split:
             images: Any = self.images[indices]
         else:
             images = _Subset(self.images, indices)
-        return Split(images, self.labels[indices], {k: np.asarray(v)[indices] for k, v in self.subgroups.items()})
+        return Split(images, self.labels[indices], {k: np.asarray(v)[indices] for k, v in self.subgroups.items()},
+                     None if self.ids is None else self.ids[indices])
 
 
 class _Subset:

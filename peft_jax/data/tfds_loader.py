@@ -145,7 +145,8 @@ def read_split(builder, split: str) -> Split:
     if "age" in subgroups:  # Per-subgroup metrics need categories, not raw ages.
         subgroups["age_group"] = age_groups(subgroups.pop("age").astype(np.float32))
     channels = builder.info.features["image"].shape[-1]
-    return Split(images=EncodedImages(source, channels), labels=labels, subgroups=subgroups)
+    ids = np.array([_text(r["id"]) for r in records], dtype=str)
+    return Split(images=EncodedImages(source, channels), labels=labels, subgroups=subgroups, ids=ids)
 
 
 def _text(value):

@@ -166,5 +166,10 @@ class EfficientNet(nnx.Module):
         """Globally average-pooled features: (N, num_features)."""
         return self.pool(self.feature_map(x))
 
+    def logits_from_feature_map(self, x: jax.Array) -> jax.Array:
+        """The rest of the forward pass: ``model(images) == logits_from_feature_map(feature_map(images))``
+        (Grad-CAM's layer is ``feature_map``, peft_jax/explain)."""
+        return self.head(self.dropout(self.pool(x)))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.head(self.dropout(self.features(x)))
