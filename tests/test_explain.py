@@ -435,3 +435,64 @@ def test_explain_command_errors(ham_run, tmp_path):
         explain_run(workdir, mask_dir=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="unknown attribution method 'lime'"):
         explain_run(workdir, methods=["lime"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark grid's option and the report's table and figure.
+
+def fake_explained_run(root: pathlib.Path, method: str, seed: int, energy: list, pointing: list) -> dict:
+    """A run folder with an explanations.json and thumbnails, as explain_run writes them."""
+    run_dir = root / f"{method}{seed}"
+    (run_dir / "explanations").mkdir(parents=True)
+    n = len(energy)
+    per_image = {"energy": energy, "pointing": pointing, "auroc": [0.5] * n}
+    (run_dir / "explanations.json").write_text(json.dumps({
+        "split": "test", "chance": {"mean": 0.25, "n": n}, "images": [{"id": f"ISIC_{k}"} for k in range(n)],
+        "attributions": {"gradcam": {**scores.summarize(per_image), "per_image": per_image}}}))
+    masks = np.zeros((n, 8, 8), bool)
+    masks[:, 2:6, 2:6] = True
+    np.savez(run_dir / "explanations" / "thumbnails.npz", ids=np.array([f"ISIC_{k}" for k in range(n)]),
+             images=np.full((n, 8, 8, 3), 128, np.uint8), masks=masks,
+             gradcam=np.random.default_rng(seed).random((n, 8, 8)).astype(np.float16))
+    return {"model": "vit_ti16", "dataset": "ham10000", "method": method, "data_fraction": 0.1, "seed": seed,
+            "run_dir": str(run_dir)}
+
+
+def test_report_tables_and_figure_of_explanations(tmp_path):
+    from peft_jax.hpo import report
+
+    rows = [fake_explained_run(tmp_path, "lora", 0, [0.2, 0.4, 0.6], [1, 0, 1]),
+            fake_explained_run(tmp_path, "lora", 1, [0.4, 0.6, None], [1, 1, 0]),
+            fake_explained_run(tmp_path, "full", 0, [0.1, 0.1, 0.1], [0, 0, 0])]
+    table = report.explanation_tables(rows)
+    lines = [line for line in table.splitlines() if line]
+    assert lines[0] == "### ham10000, vit_ti16: gradcam, test images"
+    assert lines[1] == "| method | 10% energy | 10% pointing |"
+    lora = next(line for line in lines if line.startswith("| lora"))
+    # per image over seeds: energy (0.3, 0.5, 0.6) -> 0.467; pointing (1, 0.5, 0.5) -> 0.667
+    assert lora.startswith("| lora | 0.467 [") and "| 0.667 [" in lora
+    assert next(line for line in lines if line.startswith("| full")) == \
+        "| full | 0.100 [0.100, 0.100] | 0.000 [0.000, 0.000] |"
+    assert "(0.250) on energy" in table
+    assert report.plot_explanations(rows, tmp_path / "explanations.png")
+    assert Image.open(tmp_path / "explanations.png").size[0] > 200
+    assert report.explanation_tables([{**rows[0], "run_dir": str(tmp_path / "none")}]) == ""
+
+
+def test_benchmark_explains_final_runs_only_when_asked(tmp_path, capsys):
+    from peft_jax.hpo import benchmark
+
+    cfg = ml_collections.ConfigDict({"benchmark": benchmark.benchmark_section("lora", "vit_ti16", "breastmnist", "1",
+                                                                              "0")})
+    assert cfg.benchmark.explain_images == 0
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    for name in ("results.json", "adapter/adapter_config.json"):
+        (run_dir / name).write_text("{}")
+    (run_dir / "config.json").write_text(json.dumps({"dataset": {"name": "breastmnist"}}))
+    benchmark.explain_final_run(cfg, run_dir)  # off by default: nothing happens
+    assert capsys.readouterr().out == ""
+    cfg.benchmark.explain_images = 16
+    benchmark.explain_final_run(cfg, run_dir)
+    assert "no explanations: dataset 'breastmnist' has no segmentation masks" in capsys.readouterr().out
+    assert not (run_dir / "explanations.json").exists()

@@ -37,6 +37,9 @@ def benchmark_section(methods: str, models: str, datasets: str, fractions: str, 
     b.seeds = seeds  # one final run per seed; the sweep (if any) uses the first
     b.search = "fixed"  # "fixed": hyper-parameters from overrides; "sweep": ASHA per cell (the 'sweep' section)
     b.reference = "full"  # report.md gives every method's gain over this one
+    # > 0: after each final run, explain that many test images (peft_jax/explain: explanations.json,
+    # scored against the dataset's lesion masks; datasets without masks are skipped with a note).
+    b.explain_images = 0
     # Training budgets in epochs: 0 keeps train.num_steps for every cell; > 0 gives each cell
     # ceil(epochs * its training examples / batch size) steps, at least min_steps and (if > 0) at most
     # max_steps, with evals_per_run validations (and checkpoints) and 10% warm-up.
@@ -215,6 +218,26 @@ def _hyper_parameters(cfg: ml_collections.ConfigDict, cell: Cell, init: str | No
     return summary["best_params"]
 
 
+def explain_final_run(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> None:
+    """``benchmark.explain_images`` > 0: the run's explanations.json (once), unless its dataset has no masks."""
+    num_images = int(_bench(cfg).get("explain_images", 0))
+    if num_images <= 0 or (run_dir / "explanations.json").is_file():
+        return
+    from peft_jax.explain.masks import DatasetMasks
+    from peft_jax.explain.run import explain_run, finished_run
+
+    try:
+        DatasetMasks(finished_run(run_dir).dataset)
+    except ValueError as e:
+        print(f"[benchmark]   no explanations: {e}", flush=True)
+        return
+    result = explain_run(run_dir, num_images=num_images)
+    energy = ", ".join(f"{m} {s['energy']['mean']:.2f}" for m, s in result["attributions"].items()
+                       if s["energy"]["n"])
+    print(f"[benchmark]   explained {len(result['images'])} images in {result['seconds']:.0f} s; energy on the mask: "
+          f"{energy}", flush=True)
+
+
 def run_benchmark(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, workers: int = 1) -> list[dict]:
     """Runs (or resumes) every cell; returns one record per final run (failed runs carry an ``error``)."""
     from peft_jax.train import loop
@@ -243,6 +266,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, w
             run_dir = cell_dir / f"seed{seed}"
             record = {"cell": cell, "seed": seed, "run_dir": run_dir, "hparams": params}
             if (run_dir / "results.json").is_file() and (run_dir / "wall.json").is_file():
+                explain_final_run(cfg, run_dir)
                 records.append(record)
                 continue
             n = i * len(run_seeds) + run_seeds.index(seed) + 1
@@ -262,6 +286,7 @@ def run_benchmark(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, w
                 records.append(record)
                 continue
             (run_dir / "wall.json").write_text(json.dumps({"wall_seconds": time.time() - start}))
+            explain_final_run(cfg, run_dir)
             done_now += 1
             print(f"[benchmark]   test macro-F1 {result['test']['macro_f1']:.3f} "
                   f"({time.time() - start:.0f} s)", flush=True)

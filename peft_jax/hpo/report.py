@@ -140,6 +140,76 @@ def fairness_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _explanations(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(row, explanations.json) of the runs that have one (``benchmark.explain_images``)."""
+    out = []
+    for r in rows:
+        path = pathlib.Path(r["run_dir"]) / "explanations.json"
+        if path.is_file():
+            out.append((r, json.loads(path.read_text())))
+    return out
+
+
+def _seed_averaged(runs: list[dict], attribution: str, score: str) -> list[float]:
+    """Per-image scores averaged over the seeds of a cell (the same test images in every run)."""
+    per_seed = np.array([[np.nan if v is None else v for v in e["attributions"][attribution]["per_image"][score]]
+                         for e in runs], np.float64)
+    with np.errstate(invalid="ignore"):
+        return [float(v) if np.isfinite(v) else None for v in np.nanmean(per_seed, axis=0)] if len(per_seed) else []
+
+
+def explanation_tables(rows: list[dict]) -> str:
+    """Per (model, dataset, attribution method): PEFT method x data fraction, the share of positive
+    attribution on the lesion mask and the pointing game, each with a 95% bootstrap interval over images."""
+    from peft_jax.explain import scores
+
+    found = _explanations(rows)
+    out = []
+    for (model, dataset), sub in _group([{**r, "e": e} for r, e in found], "model", "dataset").items():
+        fractions = sorted(set(r["data_fraction"] for r in sub))
+        for attribution in _order(a for r in sub for a in r["e"]["attributions"]):
+            out.append(f"### {dataset}, {model}: {attribution}, {sub[0]['e']['split']} images\n")
+            out.append("| method | " + " | ".join(f"{f:.0%} energy | {f:.0%} pointing" for f in fractions) + " |")
+            out.append("|---|" + "---:|" * (2 * len(fractions)))
+            for method, runs in _group(sub, "method").items():
+                cells = [method[0]]
+                for f in fractions:
+                    cell = [r["e"] for r in runs if r["data_fraction"] == f and attribution in r["e"]["attributions"]]
+                    for score in ("energy", "pointing"):
+                        ci = scores.bootstrap_ci(_seed_averaged(cell, attribution, score)) if cell else {"n": 0}
+                        cells.append(f"{ci['mean']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" if ci["n"] else "–")
+                out.append("| " + " | ".join(cells) + " |")
+            chance = np.mean([r["e"]["chance"]["mean"] for r in sub])
+            out.append(f"\nMean over seeds per image, 95% bootstrap interval over the {sub[0]['e']['chance']['n']} "
+                       f"images; a map spread evenly scores the mask's area ({chance:.3f}) on energy.\n")
+    return "\n".join(out)
+
+
+def plot_explanations(rows: list[dict], path: pathlib.Path, num_images: int = 6) -> bool:
+    """The first explained (model, dataset, fraction): one row per PEFT method (its first seed), the same test
+    images, Grad-CAM (or the first attribution method) over the image with the mask outline."""
+    from peft_jax.explain import overlay
+
+    found = _explanations(rows)
+    if not found:
+        return False
+    first = found[0][0]
+    group = [(r, e) for r, e in found if (r["model"], r["dataset"], r["data_fraction"]) ==
+             (first["model"], first["dataset"], first["data_fraction"])]
+    methods = found[0][1]["attributions"]
+    attribution = "gradcam" if "gradcam" in methods else next(iter(methods))
+    panels = []
+    for method in _order(r["method"] for r, _ in group):
+        run_dir = next(pathlib.Path(r["run_dir"]) for r, _ in group if r["method"] == method)
+        with np.load(run_dir / "explanations" / "thumbnails.npz") as t:
+            if attribution in t:
+                panels.append((method, t["images"][:num_images], t[attribution][:num_images].astype(np.float32),
+                               t["masks"][:num_images]))
+    overlay.comparison_figure(path, panels, f"{attribution} on the same {first['dataset']} test images, "
+                                            f"{first['model']}, {first['data_fraction']:.0%} of the labels")
+    return True
+
+
 def write_report(rows: list[dict], failed: list[dict], out_dir: pathlib.Path, command: str,
                  config_text: str, reference: str = "full") -> None:
     total = sum(r["wall_seconds"] for r in rows)
@@ -157,6 +227,10 @@ def write_report(rows: list[dict], failed: list[dict], out_dir: pathlib.Path, co
     fairness = fairness_tables(rows)
     if fairness:
         parts += ["## Fairness: test macro-F1 per subgroup\n", fairness]
+    explained = explanation_tables(rows)
+    if explained:
+        parts += ["## Where the models look: attribution on the lesion mask\n", explained,
+                  "![attribution maps of each method on the same test images](explanations.png)\n"]
     if failed:
         parts += ["## Failed runs\n", "| model | dataset | method | fraction | seed | error |", "|---|---|---|---:|---:|---|"]
         parts += [f"| {f['model']} | {f['dataset']} | {f['method']} | {f['data_fraction']:g} | {f['seed']} | "
@@ -237,4 +311,5 @@ def write_all(records: list[dict], out_dir: pathlib.Path, command: str, config_t
     if rows:
         plot_f1_vs_fraction(rows, out_dir / "f1_vs_fraction.png")
         plot_f1_vs_trainable(rows, out_dir / "f1_vs_trainable.png")
+        plot_explanations(rows, out_dir / "explanations.png")
     return {"runs": len(rows), "failed": len(failed), "out_dir": str(out_dir)}
