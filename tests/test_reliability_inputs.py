@@ -170,7 +170,7 @@ def test_adapter_of_another_alpha_is_refused_without_peft_config(saved_lora):
         load_adapter(model(), folder, trainable, base_hash=None)
     del meta["base_hash"]
     (folder / "adapter_config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"adapter_config.json lacks base_hash"):
+    with pytest.raises(ValueError, match=r"adapter_config.json lacks 'base_hash'"):
         load_adapter(model(), folder, trainable, base_hash="h")
     (folder / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"adapter_config.json is not valid JSON"):

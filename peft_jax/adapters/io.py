@@ -61,16 +61,19 @@ def save_adapter(directory: str | pathlib.Path, model: nnx.Module, trainable: Fi
 
 
 def read_adapter_config(directory: str | pathlib.Path) -> dict:
-    """adapter_config.json, refused (naming the file) unless it holds the method config and the base hash."""
+    """adapter_config.json, refused (naming the file) unless it parses and holds the method config."""
     path = pathlib.Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: an adapter folder holds {ADAPTER_FILE} and {CONFIG_FILE}")
     meta = read_json(path, "save the adapter again")
-    missing = [k for k in ("peft", "base_hash") if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise ValueError(f"{path} lacks {' and '.join(missing)}: it was not written by save_adapter (or was edited); "
-                         "save the adapter again")
+    _require(path, meta, "peft")
     return meta
+
+
+def _require(path: pathlib.Path, meta: dict, key: str) -> None:
+    if not isinstance(meta, dict) or key not in meta:
+        raise ValueError(f"{path} lacks {key!r}: it was not written by save_adapter (or was edited); save the "
+                         "adapter again")
 
 
 def _check_method(directory: pathlib.Path, stored: dict, model: nnx.Module,
@@ -99,6 +102,7 @@ def load_adapter(model: nnx.Module, directory: str | pathlib.Path, trainable: Fi
     """
     directory = pathlib.Path(directory)
     meta = read_adapter_config(directory)
+    _require(directory / CONFIG_FILE, meta, "base_hash")
     if base_hash is not None and meta["base_hash"] != base_hash:
         raise ValueError(
             f"adapter {directory} was trained on different base weights (hash {str(meta['base_hash'])[:12]}..., "
