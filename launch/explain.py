@@ -22,7 +22,8 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split whose images are explained.
 _NUM = flags.DEFINE_integer("num_images", 16, "Images explained (a fixed-seed draw: the same for every run).")
 _METHOD = flags.DEFINE_list("method", [], "gradcam, gxi, ig, rollout (comma-separated; default: all the model "
                             "supports).")
-_STEPS = flags.DEFINE_integer("ig_steps", 32, "Integrated-gradients steps.")
+_STEPS = flags.DEFINE_integer("ig_steps", None, "Integrated-gradients steps (default 16; more: closer to "
+                              "completeness).")
 _BASELINE = flags.DEFINE_string("ig_baseline", "black", "Integrated-gradients baseline: black, mean or a number.")
 _MASK_DIR = flags.DEFINE_string("mask_dir", None, "Mask folder (default: the dataset's, in its manual directory).")
 
@@ -32,8 +33,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from peft_jax.explain.run import explain_run
 
+    steps = {} if _STEPS.value is None else {"ig_steps": _STEPS.value}
     result = explain_run(_WORKDIR.value, split=_SPLIT.value, num_images=_NUM.value, methods=_METHOD.value,
-                         ig_steps=_STEPS.value, baseline=_BASELINE.value, mask_dir=_MASK_DIR.value)
+                         baseline=_BASELINE.value, mask_dir=_MASK_DIR.value, **steps)
     print(f"{len(result['images'])} {result['split']} images; chance (mask area) {result['chance']['mean']:.3f}")
     for method, s in result["attributions"].items():
         print(f"{method:8s} " + "  ".join(f"{k} {_interval(s[k])}" for k in ("energy", "pointing", "auroc")))

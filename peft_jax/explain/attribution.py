@@ -33,6 +33,9 @@ from peft_jax.data.pipeline import normalize
 from peft_jax.models.vit import Attention, ViT
 
 METHODS = ("gradcam", "gxi", "ig", "rollout")
+# Integrated-gradients steps by default. At 32, IG took 36 of the 57 CPU seconds of explaining 16 images
+# of a 224 px EfficientNet-Lite0; a small CNN's largest completeness error is 0.13 at 16 steps, 0.0006 at 256.
+IG_STEPS = 16
 
 
 def unsupported_reason(model: nnx.Module, method: str) -> str | None:
@@ -50,8 +53,9 @@ def unsupported_reason(model: nnx.Module, method: str) -> str | None:
     if method == "rollout":
         if not isinstance(model, ViT):
             return f"attention rollout needs a ViT; {name} has no attention maps"
-        if scanned:
-            return "attention rollout needs unscanned blocks (model.scan_layers=False)"
+        if scanned or model.config.remat:
+            return ("attention rollout needs unscanned, unrematerialised blocks (model.scan_layers=False, "
+                    "model.remat=False)")
     return None
 
 
@@ -154,7 +158,7 @@ def _rollout(graphdef, state, images, targets):
 class Explainer:
     """Jitted attribution functions over one model's state: ``explainer(method, images, targets)``."""
 
-    def __init__(self, model: nnx.Module, *, ig_steps: int = 32, baseline: str | float = "black"):
+    def __init__(self, model: nnx.Module, *, ig_steps: int = IG_STEPS, baseline: str | float = "black"):
         if int(ig_steps) < 1:
             raise ValueError(f"integrated gradients need at least 1 step, got {ig_steps}")
         model.eval()

@@ -101,8 +101,8 @@ def _thumbnail(a: np.ndarray) -> np.ndarray:
 
 
 def explain_run(workdir: str | pathlib.Path, *, split: str = "test", num_images: int = 16,
-                methods: list[str] | None = None, ig_steps: int = 32, baseline: str | float = "black",
-                batch_size: int = 16, mask_dir: str | None = None) -> dict:
+                methods: list[str] | None = None, ig_steps: int = attribution.IG_STEPS,
+                baseline: str | float = "black", batch_size: int = 16, mask_dir: str | None = None) -> dict:
     """Explains a finished run; writes explanations.json and explanations/ into it and returns the json."""
     workdir = pathlib.Path(workdir)
     t0 = time.time()

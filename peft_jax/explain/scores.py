@@ -1,11 +1,15 @@
 """How much of an attribution map falls on the lesion: per-image scores against a binary mask, and
 seeded bootstrap confidence intervals over images.
 
+Every score reads the positive attribution (the evidence for the explained class; negative values
+count as 0): signed pixel attributions (gradient x input, integrated gradients) mix signs at
+random in textured skin, so an AUROC of signed values sits at 0.5 whatever their magnitudes.
+
 - ``energy``: the energy-based pointing game (Wang et al. 2020, Score-CAM): the share of the
   positive attribution that lies inside the mask. A map spread evenly scores the mask's area.
 - ``pointing``: the pointing game (Zhang et al. 2018): 1 if the map's maximum is inside the mask.
-- ``auroc``: the AUROC of the attribution values for mask pixels against background pixels (0.5:
-  no preference), ties counted half.
+- ``auroc``: the AUROC of the (positive) attribution values for mask pixels against background
+  pixels (0.5: no preference), ties counted half.
 
 A score that is undefined for an image (a map with no positive mass, a constant map, a mask that
 is empty or the whole frame) is NaN and left out of the means and intervals, which say how many
@@ -59,8 +63,9 @@ def image_scores(attribution: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     mask = np.asarray(mask, bool)
     if attribution.shape != mask.shape:
         raise ValueError(f"attribution {attribution.shape} and mask {mask.shape} differ in shape")
-    return {"energy": energy_in_mask(attribution, mask), "pointing": pointing_hit(attribution, mask),
-            "auroc": mask_auroc(attribution, mask)}
+    positive = np.maximum(attribution, 0.0)
+    return {"energy": energy_in_mask(positive, mask), "pointing": pointing_hit(positive, mask),
+            "auroc": mask_auroc(positive, mask)}
 
 
 def bootstrap_ci(values, *, num_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict:

@@ -117,26 +117,63 @@ def _first(rows: list[dict], method: str) -> dict:
     return next(r for r in rows if r["method"] == method)
 
 
-def fairness_tables(rows: list[dict]) -> str:
-    """Per-subgroup test macro-F1 (mean over seeds) and the best-worst gap, where results carry subgroups."""
+MIN_GROUP_SIZE = 10  # the default smallest subgroup (test images) that enters a gap
+
+
+def _group_sizes(runs: list[dict], field: str) -> dict[str, int | None]:
+    """Test images per subgroup (the same test set in every run; None where a result predates ``n``)."""
+    sizes: dict[str, int | None] = {}
+    for r in runs:
+        for g, m in r["subgroups"].get(field, {}).get("groups", {}).items():
+            sizes[g] = m.get("n") if sizes.get(g) is None else sizes[g]
+    return sizes
+
+
+def _interval(values: list[float], n: int | None) -> tuple[float, float, float] | None:
+    """Mean macro-F1 over seeds and a 95% normal interval: the test images' sampling noise, treating the
+    score as a proportion over the subgroup's n images (shared by every seed), plus the seeds' spread."""
+    if not values or not n:
+        return None
+    a = np.asarray(values, np.float64)
+    mean = float(a.mean())
+    seeds = float(a.var(ddof=1)) / len(a) if len(a) > 1 else 0.0
+    half = 1.96 * math.sqrt(mean * (1.0 - mean) / n + seeds)
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def fairness_tables(rows: list[dict], min_group_size: int = MIN_GROUP_SIZE) -> str:
+    """Per-subgroup test macro-F1 (mean over seeds, 95% interval, n) and the best-worst gap, where results
+    carry subgroups. The gap runs over the subgroups with at least ``min_group_size`` test images; the
+    others are shown but named as left out (a subgroup of one image scores 0 or 1)."""
     out = []
     with_groups = [r for r in rows if r.get("subgroups")]
     for (model, dataset, fraction), sub in _group(with_groups, "model", "dataset", "data_fraction").items():
         for field in _order(f for r in sub for f in r["subgroups"]):
-            groups = _order(g for r in sub for g in r["subgroups"].get(field, {}).get("groups", {}))
+            sizes = _group_sizes(sub, field)
+            groups = list(sizes)
+            counted = [g for g in groups if (sizes[g] or 0) >= min_group_size]
             out.append(f"### {dataset}, {model}, {fraction:.0%} of the labels: macro-F1 by {field}\n")
-            out.append("| method | " + " | ".join(groups) + " | gap |")
+            out.append("| method | " + " | ".join(f"{g} (n={sizes[g] if sizes[g] is not None else '?'})"
+                                                  for g in groups) + " | gap |")
             out.append("|---|" + "---:|" * (len(groups) + 1))
             for method, runs in _group(sub, "method").items():
-                cells = [method[0]]
+                cells, means = [method[0]], {}
                 for g in groups:
                     values = [r["subgroups"][field]["groups"][g]["macro_f1"] for r in runs
                               if g in r["subgroups"].get(field, {}).get("groups", {})]
-                    cells.append(f"{np.mean(values):.3f}" if values else "–")
-                gaps = [r["subgroups"][field]["gap"] for r in runs if field in r["subgroups"]]
-                cells.append(f"{np.mean(gaps):.3f}")
+                    shown = _interval(values, sizes[g])
+                    if values:
+                        means[g] = float(np.mean(values))
+                    cells.append("–" if not values else f"{means[g]:.3f}" if shown is None
+                                 else f"{shown[0]:.3f} [{shown[1]:.2f}, {shown[2]:.2f}]")
+                gap = [means[g] for g in counted if g in means]
+                cells.append(f"{max(gap) - min(gap):.3f}" if len(gap) > 1 else "–")
                 out.append("| " + " | ".join(cells) + " |")
-            out.append("")
+            left_out = [f"{g} (n={sizes[g] if sizes[g] is not None else '?'})" for g in groups if g not in counted]
+            out.append(f"\nMean over seeds [95% interval: the subgroup's test-sampling noise, as a proportion over "
+                       f"its n images, and the seeds' spread]. Gap: best minus worst mean over the subgroups with "
+                       f"at least {min_group_size} test images"
+                       + (f"; left out: {', '.join(left_out)}.\n" if left_out else ".\n"))
     return "\n".join(out)
 
 
@@ -177,7 +214,8 @@ def explanation_tables(rows: list[dict]) -> str:
                     cell = [r["e"] for r in runs if r["data_fraction"] == f and attribution in r["e"]["attributions"]]
                     for score in ("energy", "pointing"):
                         ci = scores.bootstrap_ci(_seed_averaged(cell, attribution, score)) if cell else {"n": 0}
-                        cells.append(f"{ci['mean']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" if ci["n"] else "–")
+                        cells.append(f"{ci['mean']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+                                     if ci["n"] else "–")
                 out.append("| " + " | ".join(cells) + " |")
             chance = np.mean([r["e"]["chance"]["mean"] for r in sub])
             out.append(f"\nMean over seeds per image, 95% bootstrap interval over the {sub[0]['e']['chance']['n']} "
@@ -211,7 +249,7 @@ def plot_explanations(rows: list[dict], path: pathlib.Path, num_images: int = 6)
 
 
 def write_report(rows: list[dict], failed: list[dict], out_dir: pathlib.Path, command: str,
-                 config_text: str, reference: str = "full") -> None:
+                 config_text: str, reference: str = "full", min_group_size: int = MIN_GROUP_SIZE) -> None:
     total = sum(r["wall_seconds"] for r in rows)
     parts = [
         "# Benchmark report\n",
@@ -224,7 +262,7 @@ def write_report(rows: list[dict], failed: list[dict], out_dir: pathlib.Path, co
     reading = findings.section(rows, reference)
     if reading:
         parts.append(reading)
-    fairness = fairness_tables(rows)
+    fairness = fairness_tables(rows, min_group_size)
     if fairness:
         parts += ["## Fairness: test macro-F1 per subgroup\n", fairness]
     explained = explanation_tables(rows)
@@ -302,12 +340,12 @@ def plot_f1_vs_trainable(rows: list[dict], path: pathlib.Path) -> None:
 
 
 def write_all(records: list[dict], out_dir: pathlib.Path, command: str, config_text: str,
-              reference: str = "full") -> dict[str, Any]:
+              reference: str = "full", min_group_size: int = MIN_GROUP_SIZE) -> dict[str, Any]:
     """Writes results.csv, report.md and the two plots into ``out_dir``; returns a small summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, failed = rows_from_records(records)
     write_csv(rows, out_dir / "results.csv")
-    write_report(rows, failed, out_dir, command, config_text, reference)
+    write_report(rows, failed, out_dir, command, config_text, reference, min_group_size)
     if rows:
         plot_f1_vs_fraction(rows, out_dir / "f1_vs_fraction.png")
         plot_f1_vs_trainable(rows, out_dir / "f1_vs_trainable.png")
