@@ -188,7 +188,10 @@ def _explanations(rows: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def _seed_averaged(runs: list[dict], attribution: str, score: str) -> list[float]:
-    """Per-image scores averaged over the seeds of a cell (the same test images in every run)."""
+    """Per-image scores averaged over the seeds of a cell: the runs that explained the first run's images
+    (all of them, unless ``explain_images`` changed between runs)."""
+    ids = [im["id"] for im in runs[0]["images"]]
+    runs = [e for e in runs if [im["id"] for im in e["images"]] == ids]
     per_seed = np.array([[np.nan if v is None else v for v in e["attributions"][attribution]["per_image"][score]]
                          for e in runs], np.float64)
     with np.errstate(invalid="ignore"):
