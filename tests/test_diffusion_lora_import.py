@@ -6,6 +6,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 torch = pytest.importorskip("torch")
@@ -78,29 +79,39 @@ def diffusers_output(tiny_pipeline, lora: pathlib.Path) -> np.ndarray:
                     torch.from_numpy(CONTEXT)).sample.permute(0, 2, 3, 1).numpy()
 
 
-def ours(tiny_pipeline, lora: pathlib.Path | None) -> np.ndarray:
-    unet = from_pretrained("unet2d_condition", tiny_pipeline)
+@pytest.fixture(scope="module")
+def base_unet(tiny_pipeline):
+    return from_pretrained("unet2d_condition", tiny_pipeline)
+
+
+@nnx.jit
+def run_unet(unet, x, t, context):
+    return unet(x, t, context)
+
+
+def ours(base_unet, lora: pathlib.Path | None) -> np.ndarray:
+    unet = nnx.clone(base_unet)
     if lora is not None:
         cfg = apply_diffusers_lora(unet, lora)
         assert cfg.rank == 4 and cfg.method == "lora"
-    return np.asarray(unet(jnp.asarray(X), jnp.asarray(T), jnp.asarray(CONTEXT)))
+    return np.asarray(run_unet(unet, jnp.asarray(X), jnp.asarray(T), jnp.asarray(CONTEXT)))
 
 
-def test_diffusers_and_kohya_loras_give_diffusers_output(tiny_pipeline, diffusers_lora, tmp_path):
+def test_diffusers_and_kohya_loras_give_diffusers_output(tiny_pipeline, base_unet, diffusers_lora, tmp_path):
     want = diffusers_output(tiny_pipeline, diffusers_lora)
-    np.testing.assert_allclose(ours(tiny_pipeline, diffusers_lora), want, rtol=1e-4, atol=1e-4)
-    assert not np.allclose(ours(tiny_pipeline, None), want, atol=1e-3)  # the LoRA changes the output
+    np.testing.assert_allclose(ours(base_unet, diffusers_lora), want, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(ours(base_unet, None), want, atol=1e-3)  # the LoRA changes the output
 
     for layout in ("peft", "kohya"):
         lora = relayout(diffusers_lora, tmp_path / f"{layout}.safetensors", layout, alpha=2.0)
         want_here = diffusers_output(tiny_pipeline, lora)  # diffusers' own reading of that layout
         np.testing.assert_allclose(want_here, want, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(ours(tiny_pipeline, lora), want_here, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ours(base_unet, lora), want_here, rtol=1e-4, atol=1e-4)
 
 
-def test_foreign_keys_are_errors_naming_them(tiny_pipeline, diffusers_lora, tmp_path):
+def test_foreign_keys_are_errors_naming_them(base_unet, diffusers_lora, tmp_path):
     arrays = load_file(str(diffusers_lora / "pytorch_lora_weights.safetensors"))
-    unet = from_pretrained("unet2d_condition", tiny_pipeline)
+    unet = nnx.clone(base_unet)
     save_file({**arrays, "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.zeros((4, 32), np.float32)},
               str(tmp_path / "te.safetensors"))
     with pytest.raises(ValueError, match="lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight is a "
