@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft.groups = 2  # RepAdapter's grouped up-projection
     # FacT-TK's MLP cores: "official" (JieShibo/PETL-ViT fact_tk.py, behind the published numbers) or "paper"
     c.peft.fact_tk_mlp = "official"
+    # U-Net `attention`: "transformer" (every parameter of the attention blocks, as the seed author's code) or
+    # "projections" (the q/k/v/out projections of attn1 and attn2)
+    c.peft.attention_scope = "transformer"
     c.peft.tsa_form = "matrix"  # TSA adapters: "matrix" (parallel 1x1 convolution) or "channel" (per-channel scale)
     c.peft.tsa_alignment = False  # TSA: also the pre-classifier alignment (a DxD map of the pooled feature)
     c.peft.reduction = 8  # Conv-Adapter's channel compression gamma (hidden channels = C_in / gamma)
