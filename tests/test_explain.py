@@ -334,7 +334,7 @@ def test_palette_masks_with_inverted_palettes_read_right(tmp_path):
     inverted.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
     inverted.save(tmp_path / "palette.png")
     np.testing.assert_array_equal(read_mask(tmp_path / "grey.png"), m)
-    np.testing.assert_array_equal(read_mask(tmp_path / "palette.png"), ~m)  # white (index 0) = lesion
+    np.testing.assert_array_equal(read_mask(tmp_path / "palette.png"), m)  # index 0 is the lesion, white
     assert Image.open(tmp_path / "palette.png").mode == "P"
 
 
