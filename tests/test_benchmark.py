@@ -113,3 +113,15 @@ def test_one_sweep_per_method_serves_every_fraction_with_epoch_budgets(shared_da
     steps = [json.loads((r["run_dir"] / "results.json").read_text())["steps_run"] for r in records]
     assert steps == [8, 8]  # 1 epoch of 27 or 55 images at batch 16 is under min_steps
     assert all((r["run_dir"] / "test_predictions.npz").is_file() for r in records)
+
+
+def test_fractions_by_dataset_give_a_large_dataset_fewer_cells():
+    cfg = base_config()
+    cfg.benchmark = hpo.benchmark_section(methods="linear", models="vit_ti16", datasets="breastmnist,pneumoniamnist",
+                                          fractions="0.1,1.0", seeds="0")
+    cfg.benchmark.fractions_by_dataset = {"pneumoniamnist": "0.02"}
+    assert [(c.dataset, c.fraction) for c in benchmark.cells(cfg)] == [
+        ("breastmnist", 0.1), ("breastmnist", 1.0), ("pneumoniamnist", 0.02)]
+    cfg.benchmark.fractions_by_dataset = {"ham10000": "0.1"}
+    with pytest.raises(ValueError, match="fractions_by_dataset names"):
+        benchmark.cells(cfg)

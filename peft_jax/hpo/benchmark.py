@@ -34,6 +34,8 @@ def benchmark_section(methods: str, models: str, datasets: str, fractions: str, 
     b.models = models
     b.datasets = datasets
     b.fractions = fractions  # training-label fractions, e.g. "0.1,0.25,1.0"
+    # Other fractions for some datasets (name -> "0.02,0.1"), e.g. fewer for the large ones.
+    b.fractions_by_dataset = ml_collections.ConfigDict({})
     b.seeds = seeds  # one final run per seed; the sweep (if any) uses the first
     b.search = "fixed"  # "fixed": hyper-parameters from overrides; "sweep": ASHA per cell (the 'sweep' section)
     b.reference = "full"  # report.md gives every method's gain over this one
@@ -95,16 +97,19 @@ def cells(cfg: ml_collections.ConfigDict) -> list[Cell]:
     for axis, values in axes.items():
         if not values:
             raise ValueError(f"benchmark.{axis} is empty; give a comma-separated list")
+    unknown = sorted(set(b.fractions_by_dataset) - set(axes["datasets"]))
+    if unknown:
+        raise ValueError(f"benchmark.fractions_by_dataset names {unknown}, which benchmark.datasets does not list")
     try:
-        fractions = [float(f) for f in axes["fractions"]]
+        fractions = {d: [float(f) for f in _names(b.fractions_by_dataset.get(d, b.fractions))] for d in axes["datasets"]}
         [int(s) for s in axes["seeds"]]
     except ValueError:
-        raise ValueError(f"benchmark.fractions ({b.fractions!r}) must be numbers and benchmark.seeds "
-                         f"({b.seeds!r}) integers") from None
+        raise ValueError(f"benchmark.fractions ({b.fractions!r}) and fractions_by_dataset must be numbers and "
+                         f"benchmark.seeds ({b.seeds!r}) integers") from None
     if b.search not in ("fixed", "sweep"):
         raise ValueError(f"benchmark.search must be 'fixed' or 'sweep', got {b.search!r}")
     return [Cell(m, d, meth, f) for m in axes["models"] for d in axes["datasets"] for meth in axes["methods"]
-            for f in fractions]
+            for f in fractions[d]]
 
 
 def seeds(cfg: ml_collections.ConfigDict) -> list[int]:
