@@ -29,7 +29,7 @@ def config(changes: dict):
     sys.path.insert(0, str(ROOT / "configs"))
     from quickstart import get_config
 
-    c = get_config()
+    c = get_config("vit")  # the ViT miniature: its products are where bf16 matters
     c.train.progress = False
     c.update_from_flattened_dict(changes)
     return c

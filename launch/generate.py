@@ -19,7 +19,8 @@ from absl import flags  # noqa: E402
 from peft_jax.models.diffusion import schedulers  # noqa: E402
 
 _BASE = flags.DEFINE_string("base", None, "Diffusers Stable Diffusion pipeline folder.")
-_ADAPTER = flags.DEFINE_string("adapter", None, "A train_t2i adapter folder (RUN/adapter); none: the base model.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "A train_t2i adapter folder (RUN/adapter), or a diffusers / kohya "
+                                "LoRA folder or .safetensors file; none: the base model.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt a line.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "Images per prompt.")

@@ -46,10 +46,19 @@ def _model_and_peft(c: ml_collections.ConfigDict) -> None:
     c.peft.num_tokens = 10  # VPT prompt tokens (per layer for vpt_deep)
     c.peft.prompt_dropout = 0.0  # VPT dropout on the prompt tokens (Jia et al.'s default)
     c.peft.bottleneck = 64  # hidden width of adapter_houlsby / adapter_pfeiffer / adaptformer
-    c.peft.activation = "relu"  # bottleneck adapters' non-linearity: relu or gelu
+    # bottleneck adapters' non-linearity: relu, gelu or gelu_tanh (None: the reference's, gelu_tanh for
+    # adapter_houlsby, relu for adapter_pfeiffer and adaptformer)
+    c.peft.activation = ml_collections.config_dict.placeholder(str)
+    c.peft.adapter_norms = True  # adapter_houlsby also trains the LayerNorms, as adapter-bert does
     c.peft.scale = ml_collections.config_dict.placeholder(float)  # adapter output scale (None: the method's default)
-    c.peft.dropout = ml_collections.config_dict.placeholder(float)  # dropout inside fact/repadapter/convpass (None: 0.1)
+    # dropout inside fact/repadapter/convpass/adaptformer (None: 0.1)
+    c.peft.dropout = ml_collections.config_dict.placeholder(float)
     c.peft.groups = 2  # RepAdapter's grouped up-projection
+    # FacT-TK's MLP cores: "official" (JieShibo/PETL-ViT fact_tk.py, behind the published numbers) or "paper"
+    c.peft.fact_tk_mlp = "official"
+    # U-Net `attention`: "transformer" (every parameter of the attention blocks, as the seed author's code) or
+    # "projections" (the q/k/v/out projections of attn1 and attn2)
+    c.peft.attention_scope = "transformer"
     c.peft.tsa_form = "matrix"  # TSA adapters: "matrix" (parallel 1x1 convolution) or "channel" (per-channel scale)
     c.peft.tsa_alignment = False  # TSA: also the pre-classifier alignment (a DxD map of the pooled feature)
     c.peft.reduction = 8  # Conv-Adapter's channel compression gamma (hidden channels = C_in / gamma)
@@ -162,3 +171,44 @@ def with_values(config: ml_collections.ConfigDict, values: Mapping[str, Any],
         except TypeError as e:
             raise ValueError(f"{where}: {key}={value!r} has the wrong type for that field ({e})") from None
     return new
+
+
+# Fields of the driver sections whose keys are names the user picks (methods, models, datasets).
+FREE_FORM = ("sweep.space", "benchmark.overrides")
+
+
+def experiment_schema(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``base_config()`` with the schema of each driver section (sweep, benchmark) that ``config`` has."""
+    schema = base_config()
+    if "sweep" in config:
+        from peft_jax.hpo.space import sweep_section  # the hpo package imports this module
+
+        schema.sweep = sweep_section()
+    if "benchmark" in config:
+        from peft_jax.hpo.grid import benchmark_section
+
+        schema.benchmark = benchmark_section("", "", "", "", "")
+    return schema
+
+
+def check_config_keys(config: ml_collections.ConfigDict, where: str, *, schema: ml_collections.ConfigDict | None = None,
+                      free: tuple[str, ...] = ()) -> None:
+    """Refuses a key that the schema lacks (a typo in a config *file*), as overrides are refused.
+
+    ``schema`` defaults to ``experiment_schema(config)``; the dotted keys in ``free`` (and
+    ``FREE_FORM``) hold sections whose keys are not checked (e.g. ``quickstart``).
+    """
+    schema = experiment_schema(config) if schema is None else schema
+    skip = set(free) | set(FREE_FORM)
+
+    def visit(node: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str) -> None:
+        for key, value in node.items():
+            name = prefix + key
+            if name in skip:
+                continue
+            if key not in reference:
+                raise ValueError(f"{where}: {unknown_key_message(schema, name)}")
+            if isinstance(value, ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+                visit(value, reference[key], name + ".")
+
+    visit(config, schema, "")

@@ -61,13 +61,24 @@ def test_two_cell_grid_writes_csv_report_and_plots(shared_data, tmp_path, capsys
 
 
 def test_fairness_table_from_subgroups():
+    """Every subgroup with its n and a 95% interval; the gap only over subgroups of at least min_group_size
+    images (a singleton scoring 0 would make it 0.7), the others named as left out."""
     cell = grid.Cell("vit_b16", "ham10000", "lora", 1.0)
+
+    def groups(f, m, single):
+        return {"female": {"macro_f1": f, "n": 40}, "male": {"macro_f1": m, "n": 60},
+                "acral": {"macro_f1": single, "n": 1}}
+
     rows = [{"model": "vit_b16", "dataset": "ham10000", "method": "lora", "data_fraction": 1.0,
-             "subgroups": {"sex": {"groups": {"female": {"macro_f1": f}, "male": {"macro_f1": m}}, "gap": abs(f - m)}}}
-            for f, m in ((0.8, 0.7), (0.6, 0.7))]
+             "subgroups": {"sex": {"groups": groups(f, m, s), "gap": 1.0}}}
+            for f, m, s in ((0.8, 0.7, 0.0), (0.6, 0.7, 1.0))]
     text = report.fairness_tables(rows)
     assert f"### {cell.dataset}, {cell.model}, 100% of the labels: macro-F1 by sex" in text
-    assert "| lora | 0.700 | 0.700 | 0.100 |" in text
+    assert "| method | female (n=40) | male (n=60) | acral (n=1) | gap |" in text
+    # female: mean 0.7, half-width 1.96 sqrt(0.7 * 0.3 / 40 + 0.02 / 2) = 0.24; male: 0.7 +- 0.116
+    assert "| lora | 0.700 [0.46, 0.94] | 0.700 [0.58, 0.82] | 0.500 [0.00, 1.00] | 0.000 |" in text
+    assert "at least 10 test images; left out: acral (n=1)." in text
+    assert "| 0.200 |" in report.fairness_tables(rows, min_group_size=1)  # the singleton counts: 0.7 - 0.5
 
 
 @pytest.mark.parametrize("name", ["mini", "paper_vit", "paper_resnet"])
@@ -116,3 +127,15 @@ def test_one_sweep_per_method_serves_every_fraction_with_epoch_budgets(shared_da
     steps = [json.loads((r["run_dir"] / "results.json").read_text())["steps_run"] for r in records]
     assert steps == [8, 8]  # 1 epoch of 27 or 55 images at batch 16 is under min_steps
     assert all((r["run_dir"] / "test_predictions.npz").is_file() for r in records)
+
+
+def test_fractions_by_dataset_give_a_large_dataset_fewer_cells():
+    cfg = base_config()
+    cfg.benchmark = hpo.benchmark_section(methods="linear", models="vit_ti16", datasets="breastmnist,pneumoniamnist",
+                                          fractions="0.1,1.0", seeds="0")
+    cfg.benchmark.fractions_by_dataset = {"pneumoniamnist": "0.02"}
+    assert [(c.dataset, c.fraction) for c in grid.cells(cfg)] == [
+        ("breastmnist", 0.1), ("breastmnist", 1.0), ("pneumoniamnist", 0.02)]
+    cfg.benchmark.fractions_by_dataset = {"ham10000": "0.1"}
+    with pytest.raises(ValueError, match="fractions_by_dataset names"):
+        grid.cells(cfg)

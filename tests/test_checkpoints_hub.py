@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from safetensors.numpy import save, save_file
 
 from peft_jax.checkpoints import CheckpointError, KNOWN_CHECKPOINTS, KnownCheckpoint, fetch

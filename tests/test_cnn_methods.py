@@ -194,9 +194,12 @@ def test_parallel_adapter_refuses_misaligned_convolutions():
     rngs = nnx.Rngs(0)
     assert centre_tap_problem(nnx.Conv(4, 4, (3, 3), strides=2, padding=((1, 1), (1, 1)), rngs=rngs)) is None
     assert centre_tap_problem(nnx.Conv(4, 4, (1, 1), strides=2, padding="VALID", rngs=rngs)) is None
+    # TF "SAME" (asymmetric at stride 2) and "VALID" centre taps are found per call (test_efficientnet_methods.py)
+    assert centre_tap_problem(nnx.Conv(4, 4, (3, 3), strides=2, padding="SAME", rngs=rngs)) is None
+    assert centre_tap_problem(nnx.Conv(4, 4, (3, 3), padding="VALID", feature_group_count=4, rngs=rngs)) is None
     for bad, reason in [
-        (nnx.Conv(4, 4, (3, 3), padding="VALID", rngs=rngs), "padding"),
-        (nnx.Conv(4, 4, (3, 3), strides=2, padding="SAME", rngs=rngs), "padding"),  # asymmetric in Flax
+        (nnx.Conv(4, 4, (3, 3), padding=((2, 2), (1, 1)), rngs=rngs), "padding"),  # some centre taps read padding
+        (nnx.Conv(4, 4, (3, 3), padding="CIRCULAR", rngs=rngs), "padding"),
         (nnx.Conv(4, 4, (2, 2), padding="SAME", rngs=rngs), "no centre tap"),
         (nnx.Conv(4, 4, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=2, rngs=rngs), "grouped"),
     ]:

@@ -10,6 +10,7 @@ checkpoints, sharding) is derived from the one filter.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -214,6 +215,8 @@ def apply_peft(model: nnx.Module, cfg: ml_collections.ConfigDict, *, rngs: nnx.R
             raise ValueError(f"PEFT method {name!r} applies to {', '.join(method.archs)} models, not {family}")
         if method.surgery is not None:
             method.surgery(model, cfg, rngs)
+    # The method config this surgery was built with (static): load_adapter checks an adapter against it.
+    model.peft_applied = json.dumps(cfg.to_dict(), sort_keys=True)
     return model
 
 

@@ -110,11 +110,12 @@ def export_hf(model: nnx.Module, peft_config: ml_collections.ConfigDict, directo
     targets, ranks, scalings = set(), set(), set()
     for path, wrapper in iter_wrapped(model, wrapper_type):
         prefixes, name = hf_module_names(path, model.config.depth)
+        side = getattr(wrapper, "side", None)  # (IA)^3: scales a layer's output or its input
         for suffix, attribute in tensors:
             value = np.asarray(getattr(wrapper, attribute)[...], np.float32)
             stacked = value if len(prefixes) > 1 else value[None]
             for prefix, layer_value in zip(prefixes, stacked):
-                arrays[f"{prefix}.{suffix}"] = torch_layout(method, attribute, layer_value, getattr(wrapper, "side", None))
+                arrays[f"{prefix}.{suffix}"] = torch_layout(method, attribute, layer_value, side)
         targets.add(name)
         ranks.add(getattr(wrapper, "rank", None))
         scalings.add(getattr(wrapper, "scaling", None))

@@ -5,8 +5,17 @@ each; fc1 and fc2: four each; 12 per block). Each block's update is ``s * U C_i 
 (width, r) and ``V`` (r, width) shared by all blocks of all layers and a small core ``C_i``:
 
 - ``fact_tt`` (tensor train): every block has its own r x r core.
-- ``fact_tk`` (Tucker): the cores are ``C_i = sum_k G[:, :, k] P[k, i]`` from one shared
-  r x r x r tensor ``G`` and a per-block column of ``P``.
+- ``fact_tk`` (Tucker): the cores come from one shared r x r x r tensor ``G`` and a column of
+  ``P`` per block, ``T_i = sum_k G[:, :, k] P[k, i]``. The attention projections take
+  ``C = T_i``. For the MLP, ``peft.fact_tk_mlp`` chooses between the two definitions:
+  ``"paper"`` (Jie & Deng's equations: fc1's output block m and fc2's input block m take
+  ``C_m = T_m``) and ``"official"`` (the default: what JieShibo/PETL-ViT ``FacT/fact_tk.py``,
+  ``fact_forward_mlp``, and PETL_Vision ``model/fact.py`` compute, and so what the published
+  FacT-TK numbers come from). The official code stacks the four (r, r) slices into (r, r, 4),
+  reshapes that to (r, 4r) and slices it per block, which interleaves them:
+  fc1's block m takes ``C_m[a, s] = T[a, (m r + s) // 4, (m r + s) % 4]``, and fc2 multiplies by
+  the transpose, ``C_m[a, s] = T[s, (m r + a) // 4, (m r + a) % 4]``. Both are the same family
+  with the same parameters; only the map from ``P`` and ``G`` to the MLP cores differs.
 
 ``V`` starts at zero (the identity), ``U`` and the cores as in the reference code; dropout
 (``peft.dropout``, default 0.1) acts on the core's output, scale ``peft.scale`` (default 1),
@@ -29,6 +38,7 @@ from peft_jax.adapters.core import (
 )
 
 TARGETS = r"(attn/(query|key|value|out)|mlp/(fc1|fc2))$"
+TK_MLP_FORMS = ("official", "paper")
 
 
 class FacTShared(nnx.Module):
@@ -51,7 +61,8 @@ class FacTShared(nnx.Module):
 class FacTLinear(nnx.Module):
     """``base(x) + s * blockwise(U C V)``: the kernel (nin*w, nout*w) gets one r x r core per w x w block."""
 
-    def __init__(self, base: nnx.Linear, shared: FacTShared, scale: float, *, rngs: nnx.Rngs):
+    def __init__(self, base: nnx.Linear, shared: FacTShared, scale: float, *, rngs: nnx.Rngs,
+                 official_mlp: bool = False):
         kernel = base.kernel[...]
         lead = leading_shape(kernel, 2)  # (depth,) in a scanned model
         din, dout = kernel.shape[-2:]
@@ -63,6 +74,8 @@ class FacTLinear(nnx.Module):
         self.scale = scale
         self.blocks = (din // width, dout // width)
         n = self.blocks[0] * self.blocks[1]
+        # fact_tk's official MLP cores (module docstring): fc1 is one row of blocks, fc2 one column.
+        self.official_mlp = official_mlp and n > 1 and 1 in self.blocks
         if shared.tucker:
             self.p = AdapterParam(jax.random.uniform(rngs.params(), lead + (rank, n), jnp.float32,
                                                      -shared.p_bound, shared.p_bound))
@@ -73,12 +86,22 @@ class FacTLinear(nnx.Module):
 
     def core(self) -> jax.Array:
         """(..., nin, nout, r, r), with the stacked layer axis of a scanned model in front when merging."""
-        if self.shared.tucker:
-            p = self.p[...]
-            r = p.shape[-2]
+        if not self.shared.tucker:
+            return self.cores[...]
+        p = self.p[...]
+        r, n = p.shape[-2:]
+        lead = p.shape[:-2]
+        if not self.official_mlp:
             cores = jnp.einsum("abk,...kn->...nab", self.shared.core_tensor[...], p)
-            return cores.reshape(p.shape[:-2] + self.blocks + (r, r))
-        return self.cores[...]
+            return cores.reshape(lead + self.blocks + (r, r))
+        # (r, r, n) -> (r, n r) -> one (r, r) slice per block: t[a, m, s] = T[a, (m r + s) // n, (m r + s) % n]
+        t = jnp.einsum("abk,...kn->...abn", self.shared.core_tensor[...], p).reshape(lead + (r, n, r))
+        k = len(lead)
+        if self.blocks[0] == 1:  # fc1: output block m, C_m = t[:, m, :]
+            cores = jnp.moveaxis(t, k + 1, k)
+        else:  # fc2: input block m, C_m = t[:, m, :] transposed
+            cores = jnp.moveaxis(t, (k + 1, k + 2), (k, k + 1))
+        return cores.reshape(lead + self.blocks + (r, r))
 
     def delta(self) -> jax.Array:
         """The kernel update (..., in, out)."""
@@ -112,8 +135,12 @@ def _surgery(tucker: bool):
         dropout = adapter_dropout(model, rate, rngs, what=f"{name} (peft.dropout)")
         shared = FacTShared(width, rank, tucker, num_cores, dropout, rngs=rngs)
         scale = float(cfg.scale) if cfg.get("scale") is not None else 1.0
+        mlp_form = str(cfg.get("fact_tk_mlp") or "official")
+        if tucker and mlp_form not in TK_MLP_FORMS:
+            raise ValueError(f"peft.fact_tk_mlp must be one of {TK_MLP_FORMS}, got {mlp_form!r}")
+        official = tucker and mlp_form == "official"
         for path, m in sorted(targets, key=lambda t: -len(t[0])):
-            replace_module(model, path, FacTLinear(m, shared, scale, rngs=rngs))
+            replace_module(model, path, FacTLinear(m, shared, scale, rngs=rngs, official_mlp=official))
 
     return surgery
 
@@ -137,7 +164,8 @@ register(Method(
 
 register(Method(
     name="fact_tk",
-    doc="FacT-TK: Tucker-factorised updates of all attention and MLP weights (shared U, V and core tensor).",
+    doc="FacT-TK: Tucker-factorised updates of all attention and MLP weights (shared U, V and core tensor; "
+        "peft.fact_tk_mlp: the official code's MLP cores or the paper's).",
     trainable=lambda cfg: adapter_variables,
     surgery=_surgery(tucker=True),
     merge=fact_merge,

@@ -25,6 +25,7 @@ from peft_jax.adapters.export_hf import (
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_KEYS, WRAPPERS, from_torch_layout, hf_module_names, single_method,
     target_regex,
 )
+from peft_jax.config import base_config
 
 # adapter_config.json options peft_jax does not implement, with the value that means "off".
 _OFF = {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layer_replication": None,
@@ -68,8 +69,6 @@ def peft_settings(config: dict, where: str) -> dict:
 
 def peft_config_from_hf(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
     """``base_config().peft`` with the settings of a Hugging Face adapter folder, for ``apply_peft``."""
-    from peft_jax.config import base_config
-
     cfg = base_config().peft
     cfg.update(peft_settings(read_hf_adapter(directory)[0], str(directory)))
     return cfg

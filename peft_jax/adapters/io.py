@@ -14,9 +14,11 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from peft_jax.adapters.core import Filter, path_str
+from peft_jax.files import read_json
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -36,29 +38,43 @@ def flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
     return {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
-def put_arrays(model: nnx.Module, filt, arrays: dict[str, np.ndarray], where: str, *,
-               may_differ: Callable[[str], bool] = lambda key: False) -> set[str]:
-    """Sets every variable of ``model`` that ``filt`` selects from ``arrays`` (keyed by ``path_str``).
-
-    Any missing, unexpected or mis-shaped key is one error naming them, except variables for which
-    ``may_differ(key)`` holds: those keep their value when the file has no fitting array (a new head,
-    say). Returns the keys that were kept.
-    """
-    state = nnx.state(model, filt)
-    expected = {path_str(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
-    kept = {k for k in expected if may_differ(k) and (k not in arrays or arrays[k].shape != expected[k])}
+def fitting_arrays(model: nnx.Module, filt, arrays: dict[str, np.ndarray], where: str, *,
+                   may_differ: Callable[[str], bool] = lambda key: False) -> dict[str, np.ndarray]:
+    """The arrays (keyed by ``path_str``) for the variables of ``model`` that ``filt`` selects, after checking
+    their names, shapes and dtypes: any problem is one error naming them. Variables for which
+    ``may_differ(key)`` holds may have no fitting array (a new head, say): they are left out."""
+    expected = flat_arrays(nnx.state(model, filt))
+    kept = {k for k in expected if may_differ(k) and (k not in arrays or arrays[k].shape != expected[k].shape)}
     missing = sorted(set(expected) - set(arrays) - kept)
     unexpected = sorted(k for k in set(arrays) - set(expected) if not may_differ(k))
-    wrong = [f"{k}: file {arrays[k].shape} vs model {expected[k]}" for k in expected
-             if k in arrays and k not in kept and arrays[k].shape != expected[k]]
+    wrong = [f"{k}: file {arrays[k].shape} vs model {expected[k].shape}" for k in expected
+             if k in arrays and k not in kept and arrays[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         raise ValueError(f"{where} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"shape mismatches {wrong[:5]}")
-    for path, var in nnx.to_flat_state(state):
-        if path_str(path) not in kept:
-            var.set_value(jax.numpy.asarray(arrays[path_str(path)]))
-    nnx.update(model, state)
-    return kept
+    dtypes = [f"{k}: file {arrays[k].dtype} vs model {expected[k].dtype}" for k in expected
+              if k not in kept and arrays[k].dtype != expected[k].dtype]
+    if dtypes:
+        raise ValueError(f"{where} holds arrays of another dtype: {', '.join(dtypes[:5])}; "
+                         "save the adapter again from the model it was trained as")
+    return {k: arrays[k] for k in expected if k not in kept}
+
+
+def put_arrays(model: nnx.Module, arrays: dict[str, np.ndarray], filters, where: str, *,
+               may_differ: Callable[[str], bool] = lambda key: False) -> set[str]:
+    """Sets the variables of ``model`` from a file's ``arrays``: for each ``(prefix, filter)`` of ``filters``, the
+    variables ``filter`` selects from the arrays named ``prefix + path``. Every group is checked
+    (``fitting_arrays``) before anything changes. Returns the names of the arrays that were set."""
+    checked = [(prefix, filt, fitting_arrays(model, filt, {k[len(prefix):]: v for k, v in arrays.items()
+                                                           if k.startswith(prefix)}, where, may_differ=may_differ))
+               for prefix, filt in filters]
+    for _, filt, got in checked:
+        state = nnx.state(model, filt)
+        for path, var in nnx.to_flat_state(state):
+            if path_str(path) in got:
+                var.set_value(jax.numpy.asarray(got[path_str(path)]))
+        nnx.update(model, state)
+    return {prefix + k for prefix, _, got in checked for k in got}
 
 
 def save_adapter(directory: str | pathlib.Path, model: nnx.Module, trainable: Filter, *,
@@ -85,32 +101,57 @@ def save_adapter(directory: str | pathlib.Path, model: nnx.Module, trainable: Fi
 
 
 def read_adapter_config(directory: str | pathlib.Path) -> dict:
+    """adapter_config.json, refused (naming the file) unless it parses and holds the method config."""
     path = pathlib.Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: an adapter folder holds {ADAPTER_FILE} and {CONFIG_FILE}")
-    return json.loads(path.read_text())
+    meta = read_json(path, "save the adapter again")
+    _require(path, meta, "peft")
+    return meta
+
+
+def _require(path: pathlib.Path, meta: dict, key: str) -> None:
+    if not isinstance(meta, dict) or key not in meta:
+        raise ValueError(f"{path} lacks {key!r}: it was not written by save_adapter (or was edited); save the "
+                         "adapter again")
+
+
+def _check_method(directory: pathlib.Path, stored: dict, model: nnx.Module,
+                  peft_config: ml_collections.ConfigDict | None) -> None:
+    """Every field of the stored method config (rank, alpha, targets, ...) must equal the one the model was built with."""
+    if peft_config is not None:
+        built = json.loads(json.dumps(peft_config.to_dict()))
+    elif getattr(model, "peft_applied", None) is not None:
+        built = json.loads(model.peft_applied)
+    else:
+        raise ValueError(f"adapter {directory}: the model has no PEFT surgery recorded; apply_peft(model, peft) "
+                         "first or pass peft_config")
+    differ = {k: (stored.get(k), built.get(k)) for k in sorted(set(stored) | set(built)) if stored.get(k) != built.get(k)}
+    if differ:
+        raise ValueError(f"adapter {directory} was trained with another PEFT config: "
+                         + ", ".join(f"peft.{k}: adapter {a!r} vs {b!r}" for k, (a, b) in differ.items()))
 
 
 def load_adapter(model: nnx.Module, directory: str | pathlib.Path, trainable: Filter, *,
                  base_hash: str | None, peft_config: ml_collections.ConfigDict | None = None) -> dict:
     """Loads an adapter onto a model that already has the method's surgery applied.
 
-    Errors if the base weights' hash or the method config differ, or if any key or shape
-    disagrees, naming them.
+    Errors if the base weights' hash or any field of the method config differs (from
+    ``peft_config``, else from the config ``apply_peft`` recorded on the model), or if any key,
+    shape or dtype disagrees, naming them.
     """
     directory = pathlib.Path(directory)
     meta = read_adapter_config(directory)
+    _require(directory / CONFIG_FILE, meta, "base_hash")
     if base_hash is not None and meta["base_hash"] != base_hash:
         raise ValueError(
-            f"adapter {directory} was trained on different base weights (hash {meta['base_hash'][:12]}..., "
+            f"adapter {directory} was trained on different base weights (hash {str(meta['base_hash'])[:12]}..., "
             f"this backbone has {base_hash[:12]}...); load it onto the backbone it was trained on")
-    if peft_config is not None:
-        differ = {k: (meta["peft"].get(k), v) for k, v in peft_config.to_dict().items() if meta["peft"].get(k) != v}
-        if differ:
-            raise ValueError(f"adapter {directory} was trained with another PEFT config: "
-                             + ", ".join(f"peft.{k}: adapter {a!r} vs {b!r}" for k, (a, b) in differ.items()))
-    arrays = load_file(str(directory / ADAPTER_FILE))
-    for prefix, filt in (("params/", trainable), ("state/", nnx.BatchStat)):
-        got = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-        put_arrays(model, filt, got, f"adapter {directory}")
+    _check_method(directory, meta["peft"], model, peft_config)
+    try:
+        arrays = load_file(str(directory / ADAPTER_FILE))
+    except (SafetensorError, OSError) as e:  # a truncated copy, another format under this name
+        raise ValueError(f"{directory / ADAPTER_FILE} is not a readable safetensors file ({e}); save or copy the "
+                         "adapter again") from None
+    put_arrays(model, arrays, (("params/", trainable), ("state/", nnx.BatchStat)), f"adapter {directory}")
     return meta

@@ -5,10 +5,15 @@ base's kernel size, stride, padding and dilation; ``up`` is a 1x1 convolution ba
 output channels, zero at start so training begins at the backbone. Convolution is linear in
 its kernel, so the update is the kernel ``down @ up`` and folds into the base (``merge``).
 
-``peft.targets`` picks the convolutions: ``"blocks"`` (every convolution of the residual
-blocks, shortcuts included; the default), ``"all"`` (also the stem) or a regex on module
-paths such as ``r"layer4/\\d+/conv2$"``. The attention presets of ViT LoRA (``"qv"``, the
-config's default, ``"qkv"``, ``"attn"``) name no convolution and mean the default here.
+``peft.targets`` picks the convolutions: ``"blocks"`` (every dense convolution of the
+residual blocks: all of a ResNet's, shortcuts included, EfficientNet's expand and project
+1x1s; the default), ``"all"`` (every dense convolution, the stem and EfficientNet's head
+convolution too) or a regex on module paths such as ``r"layer4/\\d+/conv2$"``. The presets
+leave depth-wise convolutions alone, as huggingface/peft does at any rank below the channel
+count (it requires the rank to be a multiple of the groups and cannot merge grouped
+convolutions); a depth-wise kernel has no channel matrix to factorise. The attention presets
+of ViT LoRA (``"qv"``, the config's default, ``"qkv"``, ``"attn"``) name no convolution and
+mean the default here.
 """
 from __future__ import annotations
 
@@ -19,19 +24,20 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from peft_jax.adapters.cnn import Geometry
+from peft_jax.adapters.cnn import Geometry, dense_convs
 from peft_jax.adapters.core import Method, Path, adapter_variables, iter_wrapped, register, replace_module, wrap_modules
 
-TARGET_PRESETS = {"blocks": r"^layer\d+/\d+/(conv\d|downsample/conv)$", "all": r"(^|/)conv\d?$"}
+PRESETS = ("blocks", "all")  # the dense convolutions of the residual blocks / of the whole backbone
 DEFAULT_TARGETS = "blocks"
 ATTENTION_PRESETS = ("qv", "qkv", "attn")
 
 
-def target_pattern(cfg: ml_collections.ConfigDict) -> str:
+def target_convs(model: nnx.Module, cfg: ml_collections.ConfigDict) -> str | list[tuple[Path, nnx.Conv]]:
+    """A preset's convolutions, or the user's regex on module paths."""
     targets = cfg.get("targets") or DEFAULT_TARGETS
     if targets in ATTENTION_PRESETS:
         targets = DEFAULT_TARGETS
-    return TARGET_PRESETS.get(targets, targets)
+    return dense_convs(model, blocks_only=targets == "blocks") if targets in PRESETS else targets
 
 
 class LoRAConv(nnx.Module):
@@ -62,8 +68,15 @@ def lora_conv_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: n
         raise ValueError(f"peft.rank must be a positive integer, got {cfg.rank}")
     alpha = float(cfg.alpha if cfg.get("alpha") is not None else rank)
 
-    wrap_modules(model, (nnx.Conv,), target_pattern(cfg),
-                 lambda path, m: LoRAConv(m, rank, alpha, rngs=rngs, path=path), what="lora_conv (peft.targets)")
+    def wrap(path: Path, conv: nnx.Conv) -> LoRAConv:
+        return LoRAConv(conv, rank, alpha, rngs=rngs, path=path)
+
+    targets = target_convs(model, cfg)
+    if isinstance(targets, str):
+        wrap_modules(model, (nnx.Conv,), targets, wrap, what="lora_conv (peft.targets)")
+        return
+    for path, conv in targets:
+        replace_module(model, path, wrap(path, conv))
 
 
 def lora_conv_merge(model: nnx.Module) -> None:
@@ -76,7 +89,7 @@ def lora_conv_merge(model: nnx.Module) -> None:
 register(Method(
     name="lora_conv",
     doc="LoRA on convolutions: a k x k down-projection to rank r and a zero-initialised 1x1 up-projection beside "
-        "chosen convolutions (peft.targets: 'blocks' by default, 'all', or a regex).",
+        "chosen convolutions (peft.targets: 'blocks' by default, 'all', or a regex; presets skip depth-wise ones).",
     trainable=lambda cfg: adapter_variables,
     surgery=lora_conv_surgery,
     merge=lora_conv_merge,

@@ -1,5 +1,9 @@
 """Partial fine-tuning: the last ``peft.num_blocks`` residual blocks train (and the head).
 
+On EfficientNet the head convolution and its BatchNorm (``conv_head``, ``bn1``) lie between
+the last block and the pooled feature; they train whenever a block does, so the trained part
+is always the top of the network (``cnn.CNNLayout.top``).
+
 Which blocks are last depends on the depth (ResNet-50's layer4 has 3 blocks, ResNet-101's
 layer3 has 23), which a path regex built from the config alone cannot know. So the surgery
 marks the chosen blocks' parameters with a metadata flag, and the trainable filter selects
@@ -12,24 +16,21 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from peft_jax.adapters.core import Method, Path, register
+from peft_jax.adapters.cnn import cnn_layout, outermost, residual_blocks
+from peft_jax.adapters.core import Method, Path, modules_matching, register
 
 MARK = "peft_tune"
-STAGES = ("layer1", "layer2", "layer3", "layer4")
-
-
-def residual_blocks(model: nnx.Module) -> list[nnx.Module]:
-    """The residual blocks in forward order."""
-    return [block for stage in STAGES for block in getattr(model, stage)]
 
 
 def partial_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
     del rngs
-    blocks = residual_blocks(model)
+    blocks = [block for _, block in residual_blocks(model)]
     n = int(cfg.get("num_blocks", 1))
     if not 0 <= n <= len(blocks):
         raise ValueError(f"peft.num_blocks must be between 0 and the model's {len(blocks)} residual blocks, got {n}")
-    for block in blocks[len(blocks) - n:]:
+    top = cnn_layout(model).top
+    above = [m for _, m in outermost(modules_matching(model, (nnx.Module,), top))] if top and n else []
+    for block in blocks[len(blocks) - n:] + above:
         for _, var in nnx.to_flat_state(nnx.state(block, nnx.Param)):
             var.set_metadata(MARK, True)
 
@@ -49,7 +50,8 @@ def marked(path: Path, value: Any) -> bool:
 
 register(Method(
     name="partial",
-    doc="Partial fine-tuning: every parameter of the last peft.num_blocks residual blocks, and the head.",
+    doc="Partial fine-tuning: every parameter of the last peft.num_blocks residual blocks (and of any layer above "
+        "them, as EfficientNet's head convolution), and the head.",
     trainable=lambda cfg: marked,
     surgery=partial_surgery,
     merge=unmark,

@@ -92,7 +92,8 @@ def _download(name: HubName, filename: str, *, local_files_only: bool) -> pathli
         why = ("HF_HUB_OFFLINE or PEFT_JAX_OFFLINE is set" if local_files_only or constants.HF_HUB_OFFLINE
                else f"{constants.ENDPOINT} could not be reached")
         raise CheckpointError(f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
-                              "download it once with network access (HF_HOME or HF_HUB_CACHE choose the cache)") from e
+                              "download it once with network access (HF_HOME or HF_HUB_CACHE choose the cache); "
+                              "if you meant a local path, it does not exist") from e
     except (errors.HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"{where}: download failed ({type(e).__name__}: {e})") from e
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import os
 import pathlib
+import zipfile
+import zlib
 
 import ml_collections
 import numpy as np
 
 from peft_jax import cache
+from peft_jax.data.images import require_8bit
 from peft_jax.data.splits import DatasetSplits, Split
 
 URL = "https://zenodo.org/records/10519652/files/{filename}?download=1"
@@ -148,18 +151,41 @@ def load(cfg: ml_collections.ConfigDict) -> DatasetSplits:
             f"{name} is multi-label (14 findings per image, any number of them present); peft_jax trains "
             f"single-label classifiers. Choose another MedMNIST dataset, e.g. pneumoniamnist.")
     path = find_or_download(name, size, data_dir=cfg.get("data_dir"), download=bool(cfg.get("download", True)))
-    with np.load(path, allow_pickle=False) as npz:
+    refetch = f"Delete it and download {filename(name, size)} again ({URL.format(filename=filename(name, size))})."
+    with _open_npz(path, refetch) as npz:
         missing = [f"{s}_{kind}" for s in ("train", "val", "test") for kind in ("images", "labels")
                    if f"{s}_{kind}" not in npz.files]
         if missing:
-            raise ValueError(f"{path} is not a MedMNIST file: it lacks the arrays {missing}. Delete it and "
-                             f"download {filename(name, size)} again.")
-        splits = {s: _split(npz[f"{s}_images"], npz[f"{s}_labels"]) for s in ("train", "val", "test")}
+            raise ValueError(f"{path} is not a MedMNIST file: it lacks the arrays {missing}. {refetch}")
+        splits = {s: _split(_array(npz, f"{s}_images", path, refetch), _array(npz, f"{s}_labels", path, refetch),
+                            f"{path} {s}") for s in ("train", "val", "test")}
     return DatasetSplits(name=name, class_names=list(INFO[name]["classes"]), train=splits["train"],
                          validation=splits["val"], test=splits["test"])
 
 
-def _split(images: np.ndarray, labels: np.ndarray) -> Split:
+def _open_npz(path: pathlib.Path, refetch: str):
+    """The file as an npz archive; anything else (a renamed or truncated download) is named with the fix."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}). {refetch}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single array, not a MedMNIST .npz archive. {refetch}")
+    return npz
+
+
+def _array(npz, key: str, path: pathlib.Path, refetch: str) -> np.ndarray:
+    try:
+        return npz[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # object arrays, truncated members
+        raise ValueError(f"{path}: its array {key!r} cannot be read ({type(e).__name__}). {refetch}") from None
+
+
+def _split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
+    require_8bit(images, f"{where}_images")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{where}_labels: labels of dtype {labels.dtype}, not integers; store the class indices "
+                         "as integers")
     if images.ndim == 3:  # Grey-scale files store (N, S, S).
         images = images[..., None]
-    return Split(images=np.ascontiguousarray(images, dtype=np.uint8), labels=labels.reshape(-1).astype(np.int32))
+    return Split(images=np.ascontiguousarray(images), labels=labels.reshape(-1).astype(np.int32))

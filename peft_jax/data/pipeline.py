@@ -99,6 +99,13 @@ def _eval_example(example: dict, *, image_size: int) -> dict:
     return {"image": normalize(resize(example["image"], image_size)), "label": example["label"]}
 
 
+def eval_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
+    """A binary (H, W) mask in the frame of its image's evaluation view: the same geometry as
+    ``_eval_example`` (keep the two together), thresholded at half after the bilinear resize."""
+    grey = np.where(np.asarray(mask, bool), 255, 0).astype(np.uint8)[..., None]
+    return resize(grey, image_size)[..., 0] > 127
+
+
 class _Source:
     """grain random-access source over a Split (in-memory arrays or a lazy image sequence)."""
 

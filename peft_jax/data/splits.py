@@ -21,11 +21,14 @@ class Split:
     images: np.ndarray | Sequence[np.ndarray]
     labels: np.ndarray
     subgroups: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    ids: np.ndarray | None = None  # the example ids of a TFDS-built dataset (e.g. HAM10000 image ids)
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int32).reshape(-1)
         if len(self.images) != len(self.labels):
             raise ValueError(f"Split has {len(self.images)} images but {len(self.labels)} labels.")
+        if self.ids is not None and len(self.ids) != len(self.labels):
+            raise ValueError(f"Split has {len(self.ids)} ids for {len(self.labels)} examples.")
         for key, values in self.subgroups.items():
             if len(values) != len(self.labels):
                 raise ValueError(f"Subgroup {key!r} has {len(values)} values for {len(self.labels)} examples.")
@@ -39,7 +42,8 @@ class Split:
             images: Any = self.images[indices]
         else:
             images = _Subset(self.images, indices)
-        return Split(images, self.labels[indices], {k: np.asarray(v)[indices] for k, v in self.subgroups.items()})
+        return Split(images, self.labels[indices], {k: np.asarray(v)[indices] for k, v in self.subgroups.items()},
+                     None if self.ids is None else self.ids[indices])
 
 
 class _Subset:
@@ -66,9 +70,29 @@ class DatasetSplits:
     validation: Split
     test: Split
 
+    def __post_init__(self):
+        """Every loader builds one of these: labels and non-empty splits are checked here, once."""
+        for split_name in ("train", "validation", "test"):
+            split = getattr(self, split_name)
+            if not len(split):
+                raise ValueError(f"dataset {self.name!r}: the {split_name} split is empty; check the dataset's "
+                                 "files (or its manual_dir) and prepare it again")
+            check_labels(split.labels, self.num_classes, f"dataset {self.name!r} {split_name} split")
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """Refuses labels outside [0, num_classes): they would train against an all-zero one-hot."""
+    labels = np.asarray(labels)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        values, counts = np.unique(bad, return_counts=True)
+        found = ", ".join(f"{int(v)} ({int(n)}x)" for v, n in zip(values[:5], counts[:5]))
+        raise ValueError(f"{where}: labels must be in [0, {num_classes}) for its {num_classes} classes, found "
+                         f"{found}; fix the labels in the dataset's files (or its class list)")
 
 
 def stratified_subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -34,9 +34,14 @@ def benchmark_section(methods: str, models: str, datasets: str, fractions: str, 
     b.models = models
     b.datasets = datasets
     b.fractions = fractions  # training-label fractions, e.g. "0.1,0.25,1.0"
+    # Other fractions for some datasets (name -> "0.02,0.1"), e.g. fewer for the large ones.
+    b.fractions_by_dataset = ml_collections.ConfigDict({})
     b.seeds = seeds  # one final run per seed; the sweep (if any) uses the first
     b.search = "fixed"  # "fixed": hyper-parameters from overrides; "sweep": ASHA per cell (the 'sweep' section)
     b.reference = "full"  # report.md gives every method's gain over this one
+    # > 0: after each final run, explain that many test images (peft_jax/explain: explanations.json,
+    # scored against the dataset's lesion masks; datasets without masks are skipped with a note).
+    b.explain_images = 0
     # Training budgets in epochs: 0 keeps train.num_steps for every cell; > 0 gives each cell
     # ceil(epochs * its training examples / batch size) steps, at least min_steps and (if > 0) at most
     # max_steps, with evals_per_run validations (and checkpoints) and 10% warm-up.
@@ -92,16 +97,19 @@ def cells(cfg: ml_collections.ConfigDict) -> list[Cell]:
     for axis, values in axes.items():
         if not values:
             raise ValueError(f"benchmark.{axis} is empty; give a comma-separated list")
+    unknown = sorted(set(b.fractions_by_dataset) - set(axes["datasets"]))
+    if unknown:
+        raise ValueError(f"benchmark.fractions_by_dataset names {unknown}, which benchmark.datasets does not list")
     try:
-        fractions = [float(f) for f in axes["fractions"]]
+        fractions = {d: [float(f) for f in _names(b.fractions_by_dataset.get(d, b.fractions))] for d in axes["datasets"]}
         [int(s) for s in axes["seeds"]]
     except ValueError:
-        raise ValueError(f"benchmark.fractions ({b.fractions!r}) must be numbers and benchmark.seeds "
-                         f"({b.seeds!r}) integers") from None
+        raise ValueError(f"benchmark.fractions ({b.fractions!r}) and fractions_by_dataset must be numbers and "
+                         f"benchmark.seeds ({b.seeds!r}) integers") from None
     if b.search not in ("fixed", "sweep"):
         raise ValueError(f"benchmark.search must be 'fixed' or 'sweep', got {b.search!r}")
     return [Cell(m, d, meth, f) for m in axes["models"] for d in axes["datasets"] for meth in axes["methods"]
-            for f in fractions]
+            for f in fractions[d]]
 
 
 def seeds(cfg: ml_collections.ConfigDict) -> list[int]:
@@ -216,6 +224,26 @@ def _hyper_parameters(cfg: ml_collections.ConfigDict, cell: Cell, init: str | No
     return summary["best_params"]
 
 
+def explain_final_run(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> None:
+    """``benchmark.explain_images`` > 0: the run's explanations.json (once), unless its dataset has no masks."""
+    num_images = int(_bench(cfg).get("explain_images", 0))
+    if num_images <= 0 or (run_dir / "explanations.json").is_file():
+        return
+    from peft_jax.explain.masks import DatasetMasks
+    from peft_jax.explain.run import explain_run, finished_run
+
+    try:
+        DatasetMasks(finished_run(run_dir).dataset)
+    except ValueError as e:
+        print(f"[benchmark]   no explanations: {e}", flush=True)
+        return
+    result = explain_run(run_dir, num_images=num_images)
+    energy = ", ".join(f"{m} {s['energy']['mean']:.2f}" for m, s in result["attributions"].items()
+                       if s["energy"]["n"])
+    print(f"[benchmark]   explained {len(result['images'])} images in {result['seconds']:.0f} s; energy on the mask: "
+          f"{energy}", flush=True)
+
+
 def run_grid(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, workers: int = 1) -> list[dict]:
     """Runs (or resumes) every cell; returns one record per final run (failed runs carry an ``error``)."""
     from peft_jax.train import classify
@@ -244,6 +272,7 @@ def run_grid(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worker
             run_dir = cell_dir / f"seed{seed}"
             record = {"cell": cell, "seed": seed, "run_dir": run_dir, "hparams": params}
             if (run_dir / "results.json").is_file() and (run_dir / "wall.json").is_file():
+                explain_final_run(cfg, run_dir)
                 records.append(record)
                 continue
             n = i * len(run_seeds) + run_seeds.index(seed) + 1
@@ -262,6 +291,7 @@ def run_grid(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worker
                 records.append(record)
                 continue
             (run_dir / "wall.json").write_text(json.dumps({"wall_seconds": time.time() - start}))
+            explain_final_run(cfg, run_dir)
             done_now += 1
             print(f"[benchmark]   test macro-F1 {result['test']['macro_f1']:.3f} "
                   f"({time.time() - start:.0f} s)", flush=True)

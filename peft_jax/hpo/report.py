@@ -117,31 +117,142 @@ def _first(rows: list[dict], method: str) -> dict:
     return next(r for r in rows if r["method"] == method)
 
 
-def fairness_tables(rows: list[dict]) -> str:
-    """Per-subgroup test macro-F1 (mean over seeds) and the best-worst gap, where results carry subgroups."""
+MIN_GROUP_SIZE = 10  # the default smallest subgroup (test images) that enters a gap
+
+
+def _group_sizes(runs: list[dict], field: str) -> dict[str, int | None]:
+    """Test images per subgroup (the same test set in every run; None where a result predates ``n``)."""
+    sizes: dict[str, int | None] = {}
+    for r in runs:
+        for g, m in r["subgroups"].get(field, {}).get("groups", {}).items():
+            sizes[g] = m.get("n") if sizes.get(g) is None else sizes[g]
+    return sizes
+
+
+def _interval(values: list[float], n: int | None) -> tuple[float, float, float] | None:
+    """Mean macro-F1 over seeds and a 95% normal interval: the test images' sampling noise, treating the
+    score as a proportion over the subgroup's n images (shared by every seed), plus the seeds' spread."""
+    if not values or not n:
+        return None
+    a = np.asarray(values, np.float64)
+    mean = float(a.mean())
+    seeds = float(a.var(ddof=1)) / len(a) if len(a) > 1 else 0.0
+    half = 1.96 * math.sqrt(mean * (1.0 - mean) / n + seeds)
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def fairness_tables(rows: list[dict], min_group_size: int = MIN_GROUP_SIZE) -> str:
+    """Per-subgroup test macro-F1 (mean over seeds, 95% interval, n) and the best-worst gap, where results
+    carry subgroups. The gap runs over the subgroups with at least ``min_group_size`` test images; the
+    others are shown but named as left out (a subgroup of one image scores 0 or 1)."""
     out = []
     with_groups = [r for r in rows if r.get("subgroups")]
     for (model, dataset, fraction), sub in _group(with_groups, "model", "dataset", "data_fraction").items():
         for field in _order(f for r in sub for f in r["subgroups"]):
-            groups = _order(g for r in sub for g in r["subgroups"].get(field, {}).get("groups", {}))
+            sizes = _group_sizes(sub, field)
+            groups = list(sizes)
+            counted = [g for g in groups if (sizes[g] or 0) >= min_group_size]
             out.append(f"### {dataset}, {model}, {fraction:.0%} of the labels: macro-F1 by {field}\n")
-            out.append("| method | " + " | ".join(groups) + " | gap |")
+            out.append("| method | " + " | ".join(f"{g} (n={sizes[g] if sizes[g] is not None else '?'})"
+                                                  for g in groups) + " | gap |")
             out.append("|---|" + "---:|" * (len(groups) + 1))
             for method, runs in _group(sub, "method").items():
-                cells = [method[0]]
+                cells, means = [method[0]], {}
                 for g in groups:
                     values = [r["subgroups"][field]["groups"][g]["macro_f1"] for r in runs
                               if g in r["subgroups"].get(field, {}).get("groups", {})]
-                    cells.append(f"{np.mean(values):.3f}" if values else "–")
-                gaps = [r["subgroups"][field]["gap"] for r in runs if field in r["subgroups"]]
-                cells.append(f"{np.mean(gaps):.3f}")
+                    shown = _interval(values, sizes[g])
+                    if values:
+                        means[g] = float(np.mean(values))
+                    cells.append("–" if not values else f"{means[g]:.3f}" if shown is None
+                                 else f"{shown[0]:.3f} [{shown[1]:.2f}, {shown[2]:.2f}]")
+                gap = [means[g] for g in counted if g in means]
+                cells.append(f"{max(gap) - min(gap):.3f}" if len(gap) > 1 else "–")
                 out.append("| " + " | ".join(cells) + " |")
-            out.append("")
+            left_out = [f"{g} (n={sizes[g] if sizes[g] is not None else '?'})" for g in groups if g not in counted]
+            out.append(f"\nMean over seeds [95% interval: the subgroup's test-sampling noise, as a proportion over "
+                       f"its n images, and the seeds' spread]. Gap: best minus worst mean over the subgroups with "
+                       f"at least {min_group_size} test images"
+                       + (f"; left out: {', '.join(left_out)}.\n" if left_out else ".\n"))
     return "\n".join(out)
 
 
+def _explanations(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(row, explanations.json) of the runs that have one (``benchmark.explain_images``)."""
+    out = []
+    for r in rows:
+        path = pathlib.Path(r["run_dir"]) / "explanations.json"
+        if path.is_file():
+            out.append((r, json.loads(path.read_text())))
+    return out
+
+
+def _seed_averaged(runs: list[dict], attribution: str, score: str) -> list[float]:
+    """Per-image scores averaged over the seeds of a cell: the runs that explained the first run's images
+    (all of them, unless ``explain_images`` changed between runs)."""
+    ids = [im["id"] for im in runs[0]["images"]]
+    runs = [e for e in runs if [im["id"] for im in e["images"]] == ids]
+    per_seed = np.array([[np.nan if v is None else v for v in e["attributions"][attribution]["per_image"][score]]
+                         for e in runs], np.float64)
+    with np.errstate(invalid="ignore"):
+        return [float(v) if np.isfinite(v) else None for v in np.nanmean(per_seed, axis=0)] if len(per_seed) else []
+
+
+def explanation_tables(rows: list[dict]) -> str:
+    """Per (model, dataset, attribution method): PEFT method x data fraction, the share of positive
+    attribution on the lesion mask and the pointing game, each with a 95% bootstrap interval over images."""
+    from peft_jax.explain import scores
+
+    found = _explanations(rows)
+    out = []
+    for (model, dataset), sub in _group([{**r, "e": e} for r, e in found], "model", "dataset").items():
+        fractions = sorted(set(r["data_fraction"] for r in sub))
+        for attribution in _order(a for r in sub for a in r["e"]["attributions"]):
+            out.append(f"### {dataset}, {model}: {attribution}, {sub[0]['e']['split']} images\n")
+            out.append("| method | " + " | ".join(f"{f:.0%} energy | {f:.0%} pointing" for f in fractions) + " |")
+            out.append("|---|" + "---:|" * (2 * len(fractions)))
+            for method, runs in _group(sub, "method").items():
+                cells = [method[0]]
+                for f in fractions:
+                    cell = [r["e"] for r in runs if r["data_fraction"] == f and attribution in r["e"]["attributions"]]
+                    for score in ("energy", "pointing"):
+                        ci = scores.bootstrap_ci(_seed_averaged(cell, attribution, score)) if cell else {"n": 0}
+                        cells.append(f"{ci['mean']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+                                     if ci["n"] else "–")
+                out.append("| " + " | ".join(cells) + " |")
+            chance = np.mean([r["e"]["chance"]["mean"] for r in sub])
+            out.append(f"\nMean over seeds per image, 95% bootstrap interval over the {sub[0]['e']['chance']['n']} "
+                       f"images; a map spread evenly scores the mask's area ({chance:.3f}) on energy.\n")
+    return "\n".join(out)
+
+
+def plot_explanations(rows: list[dict], path: pathlib.Path, num_images: int = 6) -> bool:
+    """The first explained (model, dataset, fraction): one row per PEFT method (its first seed), the same test
+    images, Grad-CAM (or the first attribution method) over the image with the mask outline."""
+    from peft_jax.explain import overlay
+
+    found = _explanations(rows)
+    if not found:
+        return False
+    first = found[0][0]
+    group = [(r, e) for r, e in found if (r["model"], r["dataset"], r["data_fraction"]) ==
+             (first["model"], first["dataset"], first["data_fraction"])]
+    methods = found[0][1]["attributions"]
+    attribution = "gradcam" if "gradcam" in methods else next(iter(methods))
+    panels = []
+    for method in _order(r["method"] for r, _ in group):
+        run_dir = next(pathlib.Path(r["run_dir"]) for r, _ in group if r["method"] == method)
+        with np.load(run_dir / "explanations" / "thumbnails.npz") as t:
+            if attribution in t:
+                panels.append((method, t["images"][:num_images], t[attribution][:num_images].astype(np.float32),
+                               t["masks"][:num_images]))
+    overlay.comparison_figure(path, panels, f"{attribution} on the same {first['dataset']} test images, "
+                                            f"{first['model']}, {first['data_fraction']:.0%} of the labels")
+    return True
+
+
 def write_report(rows: list[dict], failed: list[dict], out_dir: pathlib.Path, command: str,
-                 config_text: str, reference: str = "full") -> None:
+                 config_text: str, reference: str = "full", min_group_size: int = MIN_GROUP_SIZE) -> None:
     total = sum(r["wall_seconds"] for r in rows)
     parts = [
         "# Benchmark report\n",
@@ -154,9 +265,13 @@ def write_report(rows: list[dict], failed: list[dict], out_dir: pathlib.Path, co
     reading = findings.section(rows, reference)
     if reading:
         parts.append(reading)
-    fairness = fairness_tables(rows)
+    fairness = fairness_tables(rows, min_group_size)
     if fairness:
         parts += ["## Fairness: test macro-F1 per subgroup\n", fairness]
+    explained = explanation_tables(rows)
+    if explained:
+        parts += ["## Where the models look: attribution on the lesion mask\n", explained,
+                  "![attribution maps of each method on the same test images](explanations.png)\n"]
     if failed:
         parts += ["## Failed runs\n", "| model | dataset | method | fraction | seed | error |", "|---|---|---|---:|---:|---|"]
         parts += [f"| {f['model']} | {f['dataset']} | {f['method']} | {f['data_fraction']:g} | {f['seed']} | "
@@ -228,13 +343,14 @@ def plot_f1_vs_trainable(rows: list[dict], path: pathlib.Path) -> None:
 
 
 def write_all(records: list[dict], out_dir: pathlib.Path, command: str, config_text: str,
-              reference: str = "full") -> dict[str, Any]:
+              reference: str = "full", min_group_size: int = MIN_GROUP_SIZE) -> dict[str, Any]:
     """Writes results.csv, report.md and the two plots into ``out_dir``; returns a small summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, failed = rows_from_records(records)
     write_csv(rows, out_dir / "results.csv")
-    write_report(rows, failed, out_dir, command, config_text, reference)
+    write_report(rows, failed, out_dir, command, config_text, reference, min_group_size)
     if rows:
         plot_f1_vs_fraction(rows, out_dir / "f1_vs_fraction.png")
         plot_f1_vs_trainable(rows, out_dir / "f1_vs_trainable.png")
+        plot_explanations(rows, out_dir / "explanations.png")
     return {"runs": len(rows), "failed": len(failed), "out_dir": str(out_dir)}

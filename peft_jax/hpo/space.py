@@ -121,7 +121,7 @@ def sweep_section(num_trials: int = 8, min_resource: int = 20, max_resource: int
     s.eval_every = ml_collections.config_dict.placeholder(int)  # trial validation interval (None: min_resource)
     s.storage = ml_collections.config_dict.placeholder(str)  # SQLAlchemy URL (None: sqlite in the workdir)
     s.study_name = ml_collections.config_dict.placeholder(str)  # None: the workdir's name
-    s.seed = 0  # sampler seed (worker i uses seed + i)
+    s.seed = 0  # sampler seed: trial n samples with a seed drawn from (seed, n), so no two trials share one
     s.space = ml_collections.ConfigDict(space or {})  # method name or "common" -> spec (see peft_jax.hpo.space)
     return s
 

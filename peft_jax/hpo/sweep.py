@@ -15,12 +15,15 @@ import json
 import multiprocessing
 import os
 import pathlib
+import signal
 import socket
+import threading
 import time
 import warnings
 from typing import Any
 
 import ml_collections
+import numpy as np
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
@@ -54,7 +57,44 @@ def storage_url(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
     return _sweep(cfg).storage or f"sqlite:///{(workdir / 'study.db').absolute()}"
 
 
-def open_study(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, seed_offset: int = 0) -> optuna.Study:
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """TPE whose random state is drawn afresh from (seed, trial number) for every trial.
+
+    Trial numbers are unique in a study, so resumed sweeps and parallel workers on any host
+    never replay one random stream (one seed per process would repeat earlier trials' values).
+    """
+
+    def __init__(self, seed: int, **tpe_options):
+        self._seed = seed
+        self._options = tpe_options
+        self._tpe = self._make(seed)
+
+    def _make(self, seed: int) -> optuna.samplers.TPESampler:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constant_liar
+            return optuna.samplers.TPESampler(seed=seed, **self._options)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._tpe = self._make(int(np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]))
+        self._tpe.before_trial(study, trial)
+
+    def reseed_rng(self) -> None:
+        self._tpe.reseed_rng()
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+
+def open_study(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> optuna.Study:
     """Creates or loads the study; every worker of every host calls this with the same config."""
     sweep = _sweep(cfg)
     url = storage_url(cfg, workdir)
@@ -66,8 +106,7 @@ def open_study(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, seed_offse
                              heartbeat_stale_trial_callback=_retry)
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=int(sweep.min_resource),
                                                     reduction_factor=int(sweep.reduction_factor))
-    sampler = optuna.samplers.TPESampler(seed=int(sweep.seed) + seed_offset, constant_liar=True,
-                                         n_startup_trials=max(2, int(sweep.num_trials) // 3))
+    sampler = TrialSeededSampler(int(sweep.seed), constant_liar=True, n_startup_trials=max(2, int(sweep.num_trials) // 3))
     return optuna.create_study(storage=storage, study_name=sweep.study_name or workdir.absolute().name,
                                direction="maximize", pruner=pruner, sampler=sampler, load_if_exists=True)
 
@@ -150,7 +189,7 @@ def work(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worker_ind
     """One worker: runs trials of the study until its trial budget is spent (several may run at once)."""
     workdir = pathlib.Path(workdir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # failures with their traceback, not every trial
-    study = open_study(cfg, workdir, seed_offset=worker_index)
+    study = open_study(cfg, workdir)
     objective = _objective(cfg, workdir, f"[worker {worker_index}]")
     while _budget_left(study, int(_sweep(cfg).num_trials)):
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
@@ -161,6 +200,36 @@ def _worker_process(cfg: ml_collections.ConfigDict, workdir: str, worker_index: 
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     work(cfg, workdir, worker_index)
+
+
+def _worker_main(parent_pid: int, target, *args) -> None:
+    """Runs ``target`` in its own process group, which dies as a whole when the sweep's process does
+    (a killed sweep leaves no worker training on, and its trials are retried when it is rerun)."""
+    os.setpgrp()
+    threading.Thread(target=_die_with_parent, args=(parent_pid,), daemon=True).start()
+    target(*args)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:  # an orphan is re-parented
+        time.sleep(0.5)
+    os.killpg(0, signal.SIGKILL)
+
+
+def start_worker(ctx, target, args: tuple) -> multiprocessing.Process:
+    """A worker process running ``target(*args)`` that ends with this process."""
+    proc = ctx.Process(target=_worker_main, args=(os.getpid(), target, *args), daemon=False)
+    proc.start()
+    return proc
+
+
+def _kill_workers(procs: dict[int, multiprocessing.Process]) -> None:
+    for proc in procs.values():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # not yet its own group, or already gone
+            proc.kill()
+        proc.join()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -187,8 +256,12 @@ def fail_dead_trials(study: optuna.Study, pids: set[int] | None = None, retry: b
             continue
         if (pids is not None and pid in pids) or (pids is None and not _pid_alive(pid)):
             reason = "its process died" if pids is None else "its worker process crashed"
-            study._storage.set_trial_user_attr(t._trial_id, "error", reason)
-            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            try:
+                study._storage.set_trial_user_attr(t._trial_id, "error", reason)
+                failed = study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another sweep process on this host failed (and retried) it first
+            if failed:
                 count += 1
                 if retry:
                     _retry(study, study._storage.get_trial(t._trial_id))
@@ -213,8 +286,23 @@ def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worke
           f"{storage_url(cfg, workdir)}", flush=True)
     ctx = multiprocessing.get_context("spawn")  # JAX is not fork-safe; each worker starts clean
     procs: dict[int, multiprocessing.Process] = {}
-    restarts = int(sweep.num_trials)  # a crashing trial costs one restart
     t0 = time.time()
+    try:
+        _supervise(study, cfg, workdir, workers, ctx, procs)
+    except BaseException:  # Ctrl-C or an error here: the workers end too
+        _kill_workers(procs)
+        raise
+    summary = summarize(study, workdir, cfg)
+    print(f"[sweep] done in {time.time() - t0:.0f} s: {summary['trials']}; best val macro-F1 "
+          f"{summary['best_value']} with {summary['best_params']}", flush=True)
+    return summary
+
+
+def _supervise(study: optuna.Study, cfg: ml_collections.ConfigDict, workdir: pathlib.Path, workers: int, ctx,
+               procs: dict[int, multiprocessing.Process]) -> None:
+    """Keeps ``workers`` worker processes running until the trial budget is spent; replaces crashed ones."""
+    sweep = _sweep(cfg)
+    restarts = int(sweep.num_trials)  # a crashing trial costs one restart
     next_index = 0
     while True:
         for index, proc in list(procs.items()):
@@ -227,18 +315,12 @@ def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worke
                       flush=True)
                 restarts -= 1
         if len(procs) < workers and restarts >= 0 and _budget_left(study, int(sweep.num_trials)):
-            proc = ctx.Process(target=_worker_process, args=(cfg, str(workdir), next_index), daemon=False)
-            proc.start()
-            procs[next_index] = proc
+            procs[next_index] = start_worker(ctx, _worker_process, (cfg, str(workdir), next_index))
             next_index += 1
             continue
         if not procs:
-            break
+            return
         time.sleep(1.0)
-    summary = summarize(study, workdir, cfg)
-    print(f"[sweep] done in {time.time() - t0:.0f} s: {summary['trials']}; best val macro-F1 "
-          f"{summary['best_value']} with {summary['best_params']}", flush=True)
-    return summary
 
 
 def summarize(study: optuna.Study, workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> dict:

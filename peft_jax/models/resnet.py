@@ -209,13 +209,21 @@ class ResNet(nnx.Module):
         self.num_classes = num_classes
         self.head = linear(cin, num_classes, rngs)
 
-    def features(self, x: jax.Array) -> jax.Array:
-        """Globally average-pooled features of the last stage: (N, num_features)."""
+    def feature_map(self, x: jax.Array) -> jax.Array:
+        """The last convolutional stage's output, (N, H/32, W/32, num_features): Grad-CAM's layer."""
         x = max_pool_3x3_s2(nnx.relu(self.bn1(self.conv1(x))))
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 x = block(x)
-        return self.pool(x)
+        return x
+
+    def logits_from_feature_map(self, x: jax.Array) -> jax.Array:
+        """The rest of the forward pass: ``model(images) == logits_from_feature_map(feature_map(images))``."""
+        return self.head(self.pool(x))
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """Globally average-pooled features of the last stage: (N, num_features)."""
+        return self.pool(self.feature_map(x))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.head(self.features(x))
+        return self.logits_from_feature_map(self.feature_map(x))

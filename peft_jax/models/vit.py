@@ -44,6 +44,15 @@ class ViTConfig:
     # activations: bf16 products that accumulate in float32, every other operation in float32.
     matmul_dtype: str | None = None
 
+    def __post_init__(self):
+        # A smaller image trains on the class token alone; a remainder is silently cropped away.
+        if self.patch_size < 1 or self.image_size < self.patch_size or self.image_size % self.patch_size:
+            p = max(1, self.patch_size)
+            near = sorted({max(p, self.image_size // p * p), max(p, -(-self.image_size // p) * p)})
+            raise ValueError(f"model.image_size={self.image_size} must be a positive multiple of model.patch_size="
+                             f"{self.patch_size} (at least one patch); the nearest valid sizes are "
+                             f"{' and '.join(map(str, near))}")
+
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
@@ -107,6 +116,9 @@ class Attention(nnx.Module):
         self.key = _dense(hidden_size, hidden_size, rngs, dtype, matmul_dtype)
         self.value = _dense(hidden_size, hidden_size, rngs, dtype, matmul_dtype)
         self.out = _dense(hidden_size, hidden_size, rngs, dtype, matmul_dtype)
+        # True only while an explanation captures the weights (``nnx.capture(model, nnx.Intermediate)``,
+        # peft_jax/explain): then every call sows its (N, heads, queries, keys) softmax weights.
+        self.record_weights = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
@@ -120,6 +132,8 @@ class Attention(nnx.Module):
         einsum = mixed_einsum if bf16_products(x, self.matmul_dtype) else jnp.einsum
         logits = einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        if self.record_weights:
+            self.sow(nnx.Intermediate, "attention_weights", weights)
         y = einsum("bhqk,bkhd->bqhd", weights, v).astype(x.dtype).reshape(b, -1, d)
         return self.out(y)
 
@@ -236,7 +250,10 @@ class ViT(nnx.Module):
             x, counts = jax.lax.scan(body, x, (counts, stacked))
             nnx.update(self.blocks, counts)
             return x
-        for block in self.blocks:
+        return self._run_blocks(x, self.blocks)
+
+    def _run_blocks(self, x: jax.Array, blocks) -> jax.Array:
+        for block in blocks:
             if self.config.remat:  # recompute the block in the backward pass instead of storing it
                 graph, state = nnx.split(block)
                 x = jax.checkpoint(lambda s, t, graph=graph: nnx.merge(graph, s)(t), prevent_cse=False)(state, x)
@@ -244,19 +261,40 @@ class ViT(nnx.Module):
                 x = block(x)
         return x
 
-    def features(self, images: jax.Array) -> jax.Array:
-        """Pooled, normalised pre-head features (N, D)."""
+    def tokens(self, images: jax.Array) -> jax.Array:
+        """The sequence the first block takes: embedded tokens with any extra (prompt) tokens inserted."""
         x = self.embed(images)
-        prefix = self.config.num_prefix_tokens
         if self.extra_tokens is not None:
-            x = self.extra_tokens.insert(x, prefix)
-        x = self.encode(x)
+            x = self.extra_tokens.insert(x, self.config.num_prefix_tokens)
+        return x
+
+    def pooled(self, x: jax.Array) -> jax.Array:
+        """Pooled, normalised pre-head features (N, D) of the last block's output tokens."""
+        prefix = self.config.num_prefix_tokens
         if self.extra_tokens is not None:
             x = self.extra_tokens.remove(x, prefix)
         if not self.config.fc_norm:
             x = self.norm(x)
         pooled = x[:, 0] if self.config.pool == "token" else x[:, prefix:].mean(axis=1)
         return self.norm(pooled) if self.config.fc_norm else pooled
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """Pooled, normalised pre-head features (N, D)."""
+        return self.pooled(self.encode(self.tokens(images)))
+
+    def feature_map(self, images: jax.Array) -> jax.Array:
+        """The tokens entering the last block, (N, tokens, D), patch tokens last: Grad-CAM's layer.
+
+        Not the last block's output: with class-token pooling its patch tokens never reach the logits.
+        """
+        if self.config.scan_layers:
+            raise ValueError("feature_map needs unscanned blocks (model.scan_layers=False): a scanned ViT runs "
+                             "all its blocks in one scan")
+        return self._run_blocks(self.tokens(images), list(self.blocks)[:-1])
+
+    def logits_from_feature_map(self, x: jax.Array) -> jax.Array:
+        """The rest of the forward pass: ``model(images) == logits_from_feature_map(feature_map(images))``."""
+        return self.head(self.pooled(self._run_blocks(x, list(self.blocks)[-1:]))).astype(jnp.float32)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.head(self.features(images)).astype(jnp.float32)

@@ -21,6 +21,7 @@ from flax import nnx
 from PIL import Image
 
 from peft_jax.adapters import apply_peft, merge, trainable_filter
+from peft_jax.adapters.import_diffusers import apply_diffusers_lora, is_diffusers_lora
 from peft_jax.adapters.io import load_adapter, read_adapter_config, state_hash
 from peft_jax.checkpoints.diffusers import StableDiffusion, load_pipeline
 from peft_jax.models.diffusion import schedulers
@@ -48,7 +49,10 @@ def read_t2i_adapter_config(directory: str | pathlib.Path) -> dict:
 
 def apply_adapter(pipe: StableDiffusion, directory: str | pathlib.Path) -> None:
     """Puts a train_t2i adapter on ``pipe.unet``: the method's surgery, a load checked against the base U-Net's
-    hash and the method's variables, then a merge."""
+    hash and the method's variables, then a merge. A diffusers or kohya LoRA (folder or .safetensors) is merged too."""
+    if is_diffusers_lora(directory):
+        merge(pipe.unet, apply_diffusers_lora(pipe.unet, directory))
+        return
     meta = read_t2i_adapter_config(directory)
     peft_cfg = ml_collections.ConfigDict(meta["peft"])
     base_hash = state_hash(nnx.state(pipe.unet, nnx.Param))
@@ -110,7 +114,7 @@ def generate(base: str | pathlib.Path, prompts: list[str], out: str | pathlib.Pa
     """Samples ``num_images`` per prompt with the base pipeline (and adapter) and saves them; returns the paths."""
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be positive, got {num_images} and {batch_size}")
-    meta = read_t2i_adapter_config(adapter) if adapter else {}
+    meta = read_t2i_adapter_config(adapter) if adapter and not is_diffusers_lora(adapter) else {}
     pipe = load_pipeline(base, dtype=meta["model"].get("dtype") if meta else None)
     if adapter:
         apply_adapter(pipe, adapter)

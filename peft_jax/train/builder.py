@@ -50,12 +50,9 @@ def load_native(model: nnx.Module, directory: pathlib.Path, num_classes: int) ->
         raise ValueError(f"{directory} holds a {meta['peft']['method']!r} adapter; only a 'full' run's folder is a "
                          "complete set of weights to start from")
     arrays = load_file(str(directory / ADAPTER_FILE))
-    fresh = set()
-    for prefix, filt in (("params/", nnx.Param), ("state/", nnx.BatchStat)):
-        got = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-        fresh |= put_arrays(model, filt, got, f"{directory} (a {meta['model'].get('name')} run)",
-                            may_differ=lambda key: key.startswith("head/"))
-    if fresh:
+    assigned = put_arrays(model, arrays, (("params/", nnx.Param), ("state/", nnx.BatchStat)),
+                          f"{directory} (a {meta['model'].get('name')} run)", may_differ=lambda key: key.startswith("head/"))
+    if "params/head/kernel" not in assigned:
         print(f"[init] {directory}: head re-initialised for {num_classes} classes")
 
 

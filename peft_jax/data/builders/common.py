@@ -46,6 +46,10 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     LAYOUT = ""
     SUBGROUPS: dict[str, tfds.features.FeatureConnector | type] = {}
     EXTRA_FEATURES: dict[str, tfds.features.FeatureConnector | type] = {}  # e.g. report text
+    # Segmentation masks the release ships beside the images, as paths relative to the manual directory
+    # with "{id}" for the example id (peft_jax/explain scores explanations against them); the first
+    # pattern whose folder exists is used. Not stored in the prepared dataset.
+    MASKS: Sequence[str] = ()
 
     def __init__(self, *, skip_bad_files: bool = False, max_side: int = MAX_SIDE, **kwargs):
         self.skip_bad_files = skip_bad_files

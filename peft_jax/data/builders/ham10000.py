@@ -35,6 +35,8 @@ class Ham10000(common.MedicalImageBuilder):
                 "dermatoscopic images of common pigmented skin lesions. Sci. Data 5, 180161 (2018).")
     LAYOUT = ("  HAM10000_metadata.csv\n  HAM10000_images_part_1/ISIC_*.jpg\n  HAM10000_images_part_2/ISIC_*.jpg")
     SUBGROUPS = {"sex": tfds.features.Text(), "age": np.float32, "localization": tfds.features.Text()}
+    # The lesion segmentations (Tschandl et al. 2020), one per image, same frame as the image.
+    MASKS = ("masks/{id}_segmentation.png", "HAM10000_segmentations_lesion_tschandl/{id}_segmentation.png")
 
     def _split_generators(self, dl_manager):
         root = self._manual_root(dl_manager, "HAM10000_metadata.csv")

