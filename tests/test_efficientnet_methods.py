@@ -14,7 +14,7 @@ from peft_jax.adapters.tsa import TSAConv
 from peft_jax.config import base_config
 from peft_jax.models import create_model
 from peft_jax.models import efficientnet as effnet
-from peft_jax.train import builder, loop
+from peft_jax.train import builder, classify
 from test_cnn_methods import assert_same_logits, peft_cfg, perturb_adapters
 from test_vit_train_methods import train_losses
 
@@ -270,7 +270,7 @@ def lite0_experiment(method):
 @pytest.mark.parametrize("method", TRAIN_METHODS)
 def test_method_trains_on_breastmnist(shared_data, tmp_path, method):
     cfg = lite0_experiment(method)
-    results = loop.train_and_evaluate(cfg, tmp_path)
+    results = classify.train_and_evaluate(cfg, tmp_path)
     losses = train_losses(tmp_path / "tb")
     assert len(losses) == 20
     assert np.mean(losses[-3:]) < losses[0], losses

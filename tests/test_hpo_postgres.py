@@ -23,15 +23,15 @@ optuna = pytest.importorskip("optuna", reason="the hpo extra: pip install -e '.[
 pytest.importorskip("psycopg2", reason="the hpo extra's PostgreSQL driver: pip install -e '.[hpo]'")
 from optuna.trial import TrialState  # noqa: E402
 
-from peft_jax import hpo  # noqa: E402
+from peft_jax.hpo import sweep as sweep_lib  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = """
 from peft_jax import hpo
-from peft_jax.config import base_config
+from peft_jax.config import base_config, with_values
 
 def get_config():
-    c = hpo.with_values(base_config(), {TINY!r})
+    c = with_values(base_config(), {TINY!r})
     c.sweep = hpo.sweep_section(num_trials=3, min_resource=5, max_resource=10,
                                 space={{"common": "train.lr=choice(0.001, 0.0)"}})
     c.sweep.study_name = "shared"
@@ -109,7 +109,7 @@ def test_two_sweep_processes_share_one_postgres_study(postgres, shared_data, tmp
     spec.loader.exec_module(module)
     study_cfg = module.get_config()
     study_cfg.sweep.storage = postgres
-    study = hpo.open_study(study_cfg, tmp_path)
+    study = sweep_lib.open_study(study_cfg, tmp_path)
     for lr in (1e-3, 0.0, 0.0):  # the good trial first, so that ASHA's rung at step 5 prunes the lr=0 ones
         study.enqueue_trial({"train.lr": lr})
 

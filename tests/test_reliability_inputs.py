@@ -212,14 +212,15 @@ def test_resumed_and_parallel_sweep_processes_never_repeat_earlier_params(tmp_pa
     pytest.importorskip("optuna")
     from peft_jax import hpo
     from peft_jax.hpo import space as space_lib
+    from peft_jax.hpo import sweep as sweep_lib
 
     cfg = base_config()
     cfg.sweep = hpo.sweep_section(num_trials=9, space={"common": "train.lr=log(1e-4, 1e-1)"})
     cfg.lock()
     space = space_lib.space_for(cfg.sweep, "lora")
     for _ in range(3):  # three processes (a resumed sweep, another host) opening the same study in turn
-        hpo.open_study(cfg, tmp_path).optimize(lambda t: float(space_lib.suggest(t, space)["train.lr"]), n_trials=3)
-    values = [t.params["train.lr"] for t in hpo.open_study(cfg, tmp_path).get_trials()]
+        sweep_lib.open_study(cfg, tmp_path).optimize(lambda t: float(space_lib.suggest(t, space)["train.lr"]), n_trials=3)
+    values = [t.params["train.lr"] for t in sweep_lib.open_study(cfg, tmp_path).get_trials()]
     assert len(values) == 9 and len(set(values)) == 9, values
 
 
