@@ -75,7 +75,7 @@ def test_generate_cli_writes_pngs_grid_and_paths(tiny_pipeline, lora_run, tmp_pa
     fake = images / 127.5 - 1
     value = fid([real], [fake], features)
     assert fid([real], [real], features) == pytest.approx(0.0, abs=1e-6)  # a set is at distance 0 of itself
-    assert value == pytest.approx(fid([fake], [real], features), rel=1e-9)  # symmetric
+    assert value == pytest.approx(fid([fake], [real], features), rel=1e-6)  # symmetric (to float64 eigh rounding)
     assert value > 1e-3
 
 
