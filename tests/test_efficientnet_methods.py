@@ -271,7 +271,7 @@ def lite0_experiment(method):
 def test_method_trains_on_breastmnist(shared_data, tmp_path, method):
     cfg = lite0_experiment(method)
     results = classify.train_and_evaluate(cfg, tmp_path)
-    losses = train_losses(tmp_path / "tb")
+    losses = train_losses(tmp_path)  # metrics.jsonl
     assert len(losses) == 20
     assert np.mean(losses[-3:]) < losses[0], losses
     assert results["trainable_params"] == LITE0_COUNTS.get(method, results["trainable_params"])

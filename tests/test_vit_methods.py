@@ -323,6 +323,14 @@ def test_tuned_weights_are_the_right_ones():
 # (every method, one device) and ViT-H/14 (every method, grouped into four compiles of the scanned model,
 # FSDP over 8 simulated devices), and the block-by-block ViT-B/16; the methods' default adapter dropout included.
 
+def assert_arguments_are_the_shards(result):
+    """Per device, the compiled step's arguments are its frozen, trainable and optimizer shards plus the batch
+    (8 images of 224 px: 4.8 MB) and the BatchNorm-free rest: nothing is replicated by mistake."""
+    shards = sum(result[k] for k in ("frozen_bytes_per_device", "trainable_bytes_per_device",
+                                     "optimizer_bytes_per_device"))
+    assert shards <= result["memory_analysis"]["argument_size_in_bytes"] < shards + 2**23
+
+
 def dry(tmp_path, name, method, scan=True, fsdp=1):
     c = base_config()
     c.model.name, c.model.scan_layers, c.model.remat = name, scan, scan
@@ -336,9 +344,7 @@ def dry(tmp_path, name, method, scan=True, fsdp=1):
 def test_vit_b16_dry_run(tmp_path, method):
     result = dry(tmp_path, "vit_b16", method)
     assert result["trainable_params"] == VIT_B16_COUNTS[method] + HEAD
-    # The compiled step takes every frozen, trainable and optimizer byte (plus the batch) as its arguments.
-    state_bytes = result["frozen_bytes_per_device"] + result["trainable_bytes_per_device"]
-    assert result["memory_analysis"]["argument_size_in_bytes"] >= state_bytes + result["optimizer_bytes_per_device"]
+    assert_arguments_are_the_shards(result)
 
 
 def test_vit_b16_dry_run_unscanned(tmp_path):
@@ -363,6 +369,4 @@ def test_vit_h14_dry_run(tmp_path, method, expected):
     assert result["num_devices"] == 8 and result["frozen_bytes_per_device"] < result["frozen_bytes_total"] / 4
     if expected is not None:
         assert result["trainable_params"] == expected
-    # Per device, the step's arguments are its shards: at least the frozen shard, far below the whole model.
-    args = result["memory_analysis"]["argument_size_in_bytes"]
-    assert result["frozen_bytes_per_device"] <= args < result["frozen_bytes_total"] / 4
+    assert_arguments_are_the_shards(result)
