@@ -1,11 +1,17 @@
 """ResNet-50 with SSF (scale and shift after every convolution and BatchNorm), the paper's best CNN method.
 
     python launch/train.py --config configs/resnet50_ssf.py --config.dataset.name=breastmnist
+    python launch/train.py --config configs/resnet50_ssf.py:tiny --workdir runs/tiny_resnet   # CPU-sized: 32 px
+
+`:tiny` runs the full ResNet-50 on 28 px BreastMNIST resized to 32 px for 40 steps
+(any CNN method: add --config.peft.method=...).
 """
-from peft_jax.config import base_config
+from peft_jax.config import base_config, tiny_run
 
 
-def get_config():
+def get_config(arg: str | None = None):
+    if arg not in (None, "tiny"):
+        raise ValueError(f"configs/resnet50_ssf.py:{arg} is unknown; valid: tiny")
     c = base_config()
     c.model.name = "resnet50"
     c.model.image_size = 224
@@ -13,4 +19,7 @@ def get_config():
     c.train.lr = 5e-3
     c.train.batch_size = 32
     c.train.num_steps = 1000
+    if arg == "tiny":
+        tiny_run(c)
+        c.model.image_size = 32
     return c

@@ -1,8 +1,8 @@
 """A quick ASHA sweep on MedMNIST: 8 tiny trials on 2 CPU cores in a few minutes, some pruned.
 
 A 2-block ViT-Ti (4-pixel patches on 28 px images) is fully trained on PneumoniaMNIST (chest X-ray) for at
-most 80 steps; ASHA (reduction factor 4) compares the trials at step 20 and stops the ones
-that fall behind.
+most 80 steps; ASHA (reduction factor 4) compares the trials at step 20 (its one rung inside the
+budget: the next, 80, is the budget's end) and stops the ones that fall behind, saving 60 steps each.
 
     python launch/sweep.py --config configs/sweep_quick.py --workdir runs/sweep_quick [--workers 2]
     python launch/train.py --config configs/sweep_quick.py --flagfile runs/sweep_quick/best_overrides.txt

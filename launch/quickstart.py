@@ -9,11 +9,8 @@ PneumoniaMNIST). An interrupted quickstart resumes where it stopped.
 from __future__ import annotations
 
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from peft_jax import runtime  # noqa: E402
+from peft_jax import runtime  # sets up the allocator before jax is imported
 
 runtime.setup()
 

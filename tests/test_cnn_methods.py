@@ -244,7 +244,7 @@ def test_lora_conv_targets():
 
 def test_cnn_methods_refuse_a_vit():
     model = create_model("vit_ti16", num_classes=2, image_size=32, patch_size=8, depth=1, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="applies to resnet models, not vit"):
+    with pytest.raises(ValueError, match=r"applies to CNN \(ResNet, EfficientNet-Lite\) models, not ViT"):
         apply_peft(model, peft_cfg("tsa"))
 
 

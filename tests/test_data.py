@@ -75,7 +75,7 @@ def test_bad_fraction_names_the_field(fraction):
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(ValueError, match="Unknown dataset.name 'mnist'.*breastmnist.*pneumoniamnist"):
+    with pytest.raises(ValueError, match=r"unknown dataset \(dataset.name\) 'mnist'.*Valid names: .*breastmnist.*pneumoniamnist"):
         data.load_dataset(_cfg("mnist"), seed=0)
 
 

@@ -157,5 +157,5 @@ def test_unet_methods_refuse_other_models():
 
     vit = nnx.eval_shape(lambda: ViT(ViTConfig(image_size=32, depth=1, hidden_size=32, num_heads=2, mlp_dim=64,
                                                num_classes=2), rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="applies to unet"):
+    with pytest.raises(ValueError, match="applies to U-Net models, not ViT"):
         apply_peft(vit, _cfg("norm_bias"))

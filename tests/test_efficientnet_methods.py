@@ -10,6 +10,9 @@ from safetensors.numpy import load_file
 
 from peft_jax.adapters import ADAPTER_TYPES, apply_peft, merge, param_report, trainable_filter
 from peft_jax.adapters.cnn import ParallelConv
+from peft_jax.adapters.conv_adapter import ConvAdapterMBConv
+from peft_jax.adapters.lora_conv import LoRAConv
+from peft_jax.adapters.residual_adapter import ResidualAdapterConv
 from peft_jax.adapters.tsa import TSAConv
 from peft_jax.config import base_config
 from peft_jax.models import create_model
@@ -88,14 +91,11 @@ LITE0_CASES = [
 LITE0_COUNTS = {method: expected for method, kw, expected in LITE0_CASES if not kw}
 
 
-def build(method, *, abstract=True, **kw):
-    """Lite0 with the method applied (only shapes, unless ``abstract=False``) and its config."""
+def build(method, **kw):
+    """The shapes of a Lite0 with the method applied, and its config."""
     cfg = peft_cfg(method, **kw)
-
-    def make():
-        return apply_peft(create_model("efficientnet_lite0", num_classes=2, rngs=nnx.Rngs(0)), cfg, rngs=nnx.Rngs(1))
-
-    return nnx.eval_shape(make) if abstract else make(), cfg
+    return nnx.eval_shape(lambda: apply_peft(
+        create_model("efficientnet_lite0", num_classes=2, rngs=nnx.Rngs(0)), cfg, rngs=nnx.Rngs(1))), cfg
 
 
 @pytest.mark.parametrize("method,kw,expected", LITE0_CASES)
@@ -116,8 +116,6 @@ def test_tsa_sits_beside_the_depthwise_convolutions_only():
 
 
 def test_residual_adapters_sit_beside_the_depthwise_convolutions_and_the_stem():
-    from peft_jax.adapters.residual_adapter import ResidualAdapterConv
-
     assert adapted_paths("residual_adapter", ResidualAdapterConv) == sorted(
         [f"blocks/{i}/depthwise_conv" for i in range(16)] + ["conv_stem"])
     model, _ = build("residual_adapter")
@@ -125,8 +123,6 @@ def test_residual_adapters_sit_beside_the_depthwise_convolutions_and_the_stem():
 
 
 def test_conv_adapter_sits_beside_each_expanded_block():
-    from peft_jax.adapters.conv_adapter import ConvAdapterMBConv
-
     assert adapted_paths("conv_adapter", ConvAdapterMBConv) == sorted(f"blocks/{i}" for i in range(1, 16))
     model, _ = build("conv_adapter")
     assert isinstance(model.pool, effnet.GlobalAvgPool)  # no pre-pool BatchNorm: the reference's EfficientNet has none
@@ -154,8 +150,6 @@ def test_conv_adapter_matches_the_reference_inverted_residual(lite0):
 
 
 def test_lora_conv_presets_skip_depthwise_convolutions():
-    from peft_jax.adapters.lora_conv import LoRAConv
-
     roles = {"expand_conv", "project_conv"}
     blocks = adapted_paths("lora_conv", LoRAConv)
     assert blocks == sorted(f"blocks/{i}/{c}" for i in range(16) for c in roles if i or c != "expand_conv")
@@ -251,10 +245,11 @@ def test_a_dense_adapter_is_refused_beside_a_depthwise_convolution():
 
 # ----------------------------------------------------------------- training on BreastMNIST
 
-TRAIN_METHODS = ["linear", "full", "bitfit", "ssf", "tsa", "lora_conv", "residual_adapter", "conv_adapter"]
-# Learning rates at which 20 steps from random weights lower the loss (1e-2 when not named).
-LR = {"linear": 1e-3, "full": 1e-3, "partial": 1e-3, "bn_tune": 1e-3, "film": 1e-3, "lora_conv": 3e-3,
-      "conv_adapter": 3e-3}
+TRAIN_METHODS = ["linear", "full", "bitfit", "bn_tune", "film", "ssf", "tsa", "lora_conv", "residual_adapter",
+                 "conv_adapter", "partial", "ssf+tsa"]
+# Learning rates at which 20 steps from random weights lower the loss steadily (1e-3 when not named); at 1e-2
+# the methods that scale whole channels (SSF, the BatchNorm ones) overshoot and the loss rises.
+LR = {"tsa": 1e-2, "lora_conv": 3e-3, "conv_adapter": 3e-3}
 
 
 def lite0_experiment(method):
@@ -262,7 +257,7 @@ def lite0_experiment(method):
     c.model.name, c.model.image_size = "efficientnet_lite0", 32
     c.dataset.name = "breastmnist"
     c.peft.method = method
-    c.train.update(num_steps=20, batch_size=16, lr=LR.get(method, 1e-2), warmup_steps=2, log_every=1,
+    c.train.update(num_steps=20, batch_size=16, lr=LR.get(method, 1e-3), warmup_steps=2, log_every=1,
                    eval_every=20, eval_batch_size=256, progress=False)
     return c
 
@@ -274,7 +269,7 @@ def test_method_trains_on_breastmnist(shared_data, tmp_path, method):
     losses = train_losses(tmp_path)  # metrics.jsonl
     assert len(losses) == 20
     assert np.mean(losses[-3:]) < losses[0], losses
-    assert results["trainable_params"] == LITE0_COUNTS.get(method, results["trainable_params"])
+    assert results["trainable_params"] == LITE0_COUNTS[method]
     # Every trainable variable moved: the adapter file against the initial model.
     built = builder.build(cfg, 2)
     initial = {f"params/{'/'.join(map(str, p))}": np.asarray(v.get_value())

@@ -39,8 +39,25 @@ def test_sweep_prunes_trials_that_fall_behind(shared_data, tmp_path):
     assert summary["best_params"] == {"train.lr": 1e-3}
     assert (tmp_path / "trials" / "0000" / "results.json").is_file()  # the finished trial is a complete run
     assert not (tmp_path / "trials" / "0001" / "results.json").exists()  # a pruned one stops before testing
-    assert json.loads((tmp_path / "sweep_results.json").read_text())["trials"]["pruned"] == 2
+    written = json.loads((tmp_path / "sweep_results.json").read_text())
+    assert written["trials"]["pruned"] == 2 and written["steps_saved_by_pruning"] == 2 * (10 - 5)
     assert (tmp_path / "best_overrides.txt").read_text() == "--config.train.lr=0.001\n"
+
+
+def test_rungs_stop_before_the_budget_and_the_summary_counts_saved_steps(tmp_path):
+    cfg = hpo.with_values(base_config(), {"train.num_steps": 80})
+    cfg.sweep = hpo.sweep_section(num_trials=3, min_resource=20, space={"common": "train.lr=log(1e-4, 1e-1)"})
+    assert sweep_lib.rungs(cfg) == [20]  # 80 is the budget's end: a rung there would save nothing
+    cfg.sweep.reduction_factor = 2
+    assert sweep_lib.rungs(cfg) == [20, 40]
+    study = optuna.create_study(direction="maximize")
+    dist = {"train.lr": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for state, last in ((TrialState.COMPLETE, 80), (TrialState.PRUNED, 20), (TrialState.PRUNED, 40)):
+        study.add_trial(optuna.trial.create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+                                                  params={"train.lr": 0.1}, distributions=dist,
+                                                  intermediate_values={last: 0.5}))
+    summary = sweep_lib.summarize(study, tmp_path, cfg)
+    assert summary["steps_saved_by_pruning"] == (80 - 20) + (80 - 40)
 
 
 def test_two_workers_share_one_study_and_a_failing_trial_does_not_stop_it(shared_data, tmp_path):

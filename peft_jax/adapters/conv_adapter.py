@@ -166,5 +166,5 @@ register(Method(
         "pooling, as the reference.",
     trainable=lambda cfg: any_of(adapter_variables, path_regex(PRE_POOL_NORM)),
     surgery=conv_adapter_surgery,
-    archs=("resnet",),
+    archs=("cnn",),
 ))

@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.models.vit import LayerShared
+from peft_jax.names import METHOD_FAMILIES, check_method, unknown_name_error
 from peft_jax.paths import path_str  # noqa: F401  (the method files import it from here)
 
 
@@ -165,7 +166,7 @@ class Method:
     trainable: Callable[[ml_collections.ConfigDict], Filter]
     surgery: Callable[[nnx.Module, ml_collections.ConfigDict, nnx.Rngs], None] | None = None
     merge: Callable[[nnx.Module], None] | None = None
-    archs: tuple[str, ...] = ("vit", "resnet")
+    archs: tuple[str, ...] = ("vit", "cnn")  # families: peft_jax.names.FAMILIES
 
 
 METHODS: dict[str, Method] = {}
@@ -174,14 +175,14 @@ METHODS: dict[str, Method] = {}
 def register(method: Method) -> Method:
     if method.name in METHODS:
         raise ValueError(f"PEFT method {method.name!r} registered twice")
+    if METHOD_FAMILIES.get(method.name) != method.archs:
+        raise ValueError(f"PEFT method {method.name!r}: peft_jax/names.py METHOD_FAMILIES must list {method.archs}")
     METHODS[method.name] = method
     return method
 
 
 def method_names(cfg: ml_collections.ConfigDict) -> list[str]:
     """``peft.method`` may combine methods with '+', e.g. 'vpt_deep+bitfit'."""
-    from peft_jax.models import unknown_name_error
-
     names = [n.strip() for n in str(cfg.method).split("+") if n.strip()]
     if not names:
         raise ValueError("peft.method is empty; valid names: " + ", ".join(sorted(METHODS)))
@@ -192,12 +193,13 @@ def method_names(cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def arch_family(model: nnx.Module) -> str:
+    """'vit', 'cnn' (ResNet, EfficientNet-Lite) or 'unet': which methods apply (peft_jax.names)."""
     from peft_jax.models.diffusion.unet import UNet2DConditionModel
     from peft_jax.models.vit import ViT
 
     if isinstance(model, UNet2DConditionModel):
         return "unet"
-    return "vit" if isinstance(model, ViT) else "resnet"
+    return "vit" if isinstance(model, ViT) else "cnn"
 
 
 def trainable_filter(cfg: ml_collections.ConfigDict) -> Filter:
@@ -208,11 +210,8 @@ def trainable_filter(cfg: ml_collections.ConfigDict) -> Filter:
 def apply_peft(model: nnx.Module, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
     """Performs the surgery of ``peft.method`` on ``model`` in place and returns it."""
     rngs = rngs if rngs is not None else nnx.Rngs(0)
-    family = arch_family(model)
-    for name in method_names(cfg):
+    for name in check_method(cfg.method, arch_family(model)):
         method = METHODS[name]
-        if family not in method.archs:
-            raise ValueError(f"PEFT method {name!r} applies to {', '.join(method.archs)} models, not {family}")
         if method.surgery is not None:
             method.surgery(model, cfg, rngs)
     # The method config this surgery was built with (static): load_adapter checks an adapter against it.

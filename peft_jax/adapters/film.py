@@ -51,5 +51,5 @@ register(Method(
     trainable=lambda cfg: adapter_variables,
     surgery=film_surgery,
     merge=film_merge,
-    archs=("resnet",),
+    archs=("cnn",),
 ))

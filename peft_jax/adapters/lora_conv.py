@@ -93,5 +93,5 @@ register(Method(
     trainable=lambda cfg: adapter_variables,
     surgery=lora_conv_surgery,
     merge=lora_conv_merge,
-    archs=("resnet",),
+    archs=("cnn",),
 ))

@@ -55,5 +55,5 @@ register(Method(
     trainable=lambda cfg: marked,
     surgery=partial_surgery,
     merge=unmark,
-    archs=("resnet",),
+    archs=("cnn",),
 ))

@@ -57,5 +57,5 @@ register(Method(
     trainable=lambda cfg: any_of(adapter_variables, METHODS["bn_tune"].trainable(cfg)),
     surgery=residual_adapter_surgery,
     merge=lambda model: merge_parallel(model, ResidualAdapterConv),
-    archs=("resnet",),
+    archs=("cnn",),
 ))

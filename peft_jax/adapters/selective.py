@@ -15,7 +15,7 @@ register(Method(
     name="full",
     doc="Full fine-tuning: every parameter trains.",
     trainable=lambda cfg: nnx.Param,
-    archs=("vit", "resnet", "unet"),
+    archs=("vit", "cnn", "unet"),
 ))
 
 register(Method(
@@ -48,6 +48,6 @@ register(Method(
     name="bn_tune",
     doc="BatchNorm tuning: gamma and beta of every ResNet BatchNorm, and the head.",
     trainable=lambda cfg: path_regex(rf"(^|/)bn\d*/{WRAPPED}(scale|bias)$"),
-    archs=("resnet",),
+    archs=("cnn",),
 ))
 

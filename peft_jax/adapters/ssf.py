@@ -47,7 +47,7 @@ def ssf_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rng
         init_std = 0.02 if family == "vit" else 0.0  # Lian et al. on ViT; identity start on CNNs
     types = (nnx.Linear, nnx.Conv, nnx.LayerNorm) if family == "vit" else (nnx.Conv, nnx.BatchNorm)
     wrap_modules(model, types, None, lambda path, m: SSF(m, init_std=float(init_std), rngs=rngs), what="ssf")
-    if family == "resnet":
+    if family == "cnn":
         wrap_pool(model, lambda pool: SSF(pool, init_std=float(init_std), rngs=rngs, features=model.num_features))
 
 

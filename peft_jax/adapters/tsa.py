@@ -88,5 +88,5 @@ register(Method(
     trainable=lambda cfg: adapter_variables,
     surgery=tsa_surgery,
     merge=tsa_merge,
-    archs=("resnet",),
+    archs=("cnn",),
 ))

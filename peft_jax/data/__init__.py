@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import ml_collections
 
-from peft_jax.data import builders, medmnist, tfds_loader
+from peft_jax.data import medmnist, tfds_loader
 from peft_jax.data.pipeline import eval_batches, train_batches
 from peft_jax.data.splits import DatasetSplits, Split, class_counts, stratified_subsample
+from peft_jax.names import DATASET_NAMES, check_dataset
 
 __all__ = ["DatasetSplits", "Split", "class_counts", "dataset_names", "eval_batches", "load_dataset",
            "stratified_subsample", "train_batches"]
 
 
 def dataset_names() -> list[str]:
-    """Every valid `dataset.name`."""
-    return sorted([*medmnist.NAMES, *builders.BUILDERS])
+    """Every valid `dataset.name` (single-label MedMNIST sets and the TFDS builders)."""
+    return list(DATASET_NAMES)
 
 
 def load_dataset(cfg: ml_collections.ConfigDict, *, seed: int) -> DatasetSplits:
@@ -33,12 +34,11 @@ def load_dataset(cfg: ml_collections.ConfigDict, *, seed: int) -> DatasetSplits:
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"dataset.fraction must be in (0, 1], got {fraction!r}.")
     name = cfg.get("name")
+    check_dataset(name)
     if name in medmnist.NAMES:
         splits = medmnist.load(cfg)
-    elif name in builders.BUILDERS:
-        splits = tfds_loader.load(cfg)
     else:
-        raise ValueError(f"Unknown dataset.name {name!r}; valid names: {', '.join(dataset_names())}.")
+        splits = tfds_loader.load(cfg)
     if fraction < 1.0:
         splits.train = splits.train.take(stratified_subsample(splits.train.labels, fraction, seed))
     return splits

@@ -114,7 +114,7 @@ def open_study(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> optuna.
 def trial_config(cfg: ml_collections.ConfigDict, params: dict[str, Any]) -> ml_collections.ConfigDict:
     """The training config of one trial: the sweep's resource and evaluation cadence, then the sampled values."""
     sweep = _sweep(cfg)
-    steps = int(sweep.max_resource or cfg.train.num_steps)
+    steps = trial_steps(cfg)
     every = int(sweep.eval_every or sweep.min_resource)
     base = with_values(space_lib.run_config(cfg), {
         "train.num_steps": steps, "train.eval_every": every, "train.progress": False}, "sweep")
@@ -126,6 +126,21 @@ def check_space(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     space = space_lib.space_for(_sweep(cfg), cfg.peft.method)
     trial_config(cfg, {k: v.args[0] if isinstance(v, space_lib.Dist) else v for k, v in space.items()})
     return space
+
+
+def trial_steps(cfg: ml_collections.ConfigDict) -> int:
+    """The training steps of a trial that is not pruned."""
+    return int(_sweep(cfg).max_resource or cfg.train.num_steps)
+
+
+def rungs(cfg: ml_collections.ConfigDict) -> list[int]:
+    """The steps at which ASHA may stop a trial: min_resource * reduction_factor**k, before the budget's end."""
+    sweep, out = _sweep(cfg), []
+    step = int(sweep.min_resource)
+    while step < trial_steps(cfg):
+        out.append(step)
+        step *= int(sweep.reduction_factor)
+    return out
 
 
 def _trial_workdir(workdir: pathlib.Path, trial: optuna.Trial) -> pathlib.Path:
@@ -146,6 +161,7 @@ def _objective(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tag: str):
     from peft_jax.train import classify
 
     space = space_lib.space_for(_sweep(cfg), cfg.peft.method)
+    budget = trial_steps(cfg)
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("host", socket.gethostname())
@@ -160,7 +176,7 @@ def _objective(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tag: str):
         def on_eval(step: int, val: dict) -> None:
             best["f1"] = max(best["f1"], float(val["macro_f1"]))
             trial.report(best["f1"], step)
-            if trial.should_prune():
+            if step < budget and trial.should_prune():  # at the budget's end, stopping saves nothing
                 raise classify.StopTrial(step)
 
         t0 = time.time()
@@ -282,7 +298,7 @@ def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worke
     if recovered:
         print(f"[sweep] resuming: {recovered} interrupted trial(s) will continue from their checkpoints", flush=True)
     print(f"[sweep] {study.study_name}: {sweep.num_trials} trials of {cfg.peft.method} with {workers} worker(s), "
-          f"ASHA rungs at {sweep.min_resource} x {sweep.reduction_factor}^k steps; storage "
+          f"ASHA rungs at steps {rungs(cfg)} of {trial_steps(cfg)}; storage "
           f"{storage_url(cfg, workdir)}", flush=True)
     ctx = multiprocessing.get_context("spawn")  # JAX is not fork-safe; each worker starts clean
     procs: dict[int, multiprocessing.Process] = {}
@@ -293,7 +309,8 @@ def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worke
         _kill_workers(procs)
         raise
     summary = summarize(study, workdir, cfg)
-    print(f"[sweep] done in {time.time() - t0:.0f} s: {summary['trials']}; best val macro-F1 "
+    print(f"[sweep] done in {time.time() - t0:.0f} s: {summary['trials']}, {summary['steps_saved_by_pruning']} training steps "
+          f"saved by pruning; best val macro-F1 "
           f"{summary['best_value']} with {summary['best_params']}", flush=True)
     return summary
 
@@ -342,6 +359,9 @@ def summarize(study: optuna.Study, workdir: pathlib.Path, cfg: ml_collections.Co
         "best_trial": best.number if best else None,
         "best_workdir": best.user_attrs.get("workdir") if best else None,
         "trials": counts,
+        # Training steps the pruned trials would have run to the budget's end but did not.
+        "steps_saved_by_pruning": sum(trial_steps(cfg) - (t.last_step or 0) for t in trials
+                                      if t.state == TrialState.PRUNED and t.number not in retried),
         "all_trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                         "last_step": t.last_step, "error": t.user_attrs.get("error")} for t in trials],
     }

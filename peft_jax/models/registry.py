@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
 from flax import nnx
 
 from peft_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig
+from peft_jax.names import EFFICIENTNET_NAMES, MODEL_NAMES, RESNET_NAMES, unknown_name_error  # noqa: F401
 
-RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
-EFFICIENTNET_NAMES = tuple(f"efficientnet_lite{i}" for i in range(5))  # peft_jax/models/efficientnet.py
-MODEL_NAMES: tuple[str, ...] = tuple(VIT_VARIANTS) + RESNET_NAMES + EFFICIENTNET_NAMES
 DIFFUSION_ARCHS = ("unet2d_condition", "autoencoder_kl", "clip_text")  # loaded by checkpoints/diffusers.py
 FEATURE_ARCHS = ("inception_v3_fid",)  # FID's Inception-v3, loaded by checkpoints/inception.py
-
-
-def unknown_name_error(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> ValueError:
-    """A ValueError that names the bad value, the closest valid ones and all valid ones."""
-    close = difflib.get_close_matches(name, valid, n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid)}")
 
 
 def vit_config(name: str, *, num_classes: int, image_size: int, **overrides) -> ViTConfig:
@@ -61,4 +51,4 @@ def create_model(name: str, *, num_classes: int, image_size: int = 224, rngs: nn
         from peft_jax.models.efficientnet import EfficientNet
 
         return EfficientNet(efficientnet_config(name, num_classes=num_classes, **overrides), rngs=rngs)
-    raise unknown_name_error("model", name, MODEL_NAMES)
+    raise unknown_name_error("model (model.name)", name, MODEL_NAMES)

@@ -44,8 +44,11 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
 def transfer(cfg: ml_collections.ConfigDict, method: str, init: str, workdir: pathlib.Path) -> dict:
     """One method's run; its row of the table."""
     scratch = method == SCRATCH
-    run = stage_config(cfg, **{"peft.method": "full" if scratch else method, "train.lr": cfg.quickstart.lr[method],
-                               "init.checkpoint": None if scratch else init})
+    changes = {"peft.method": "full" if scratch else method, "train.lr": cfg.quickstart.lr[method],
+               "init.checkpoint": None if scratch else init}
+    if method not in ("full", SCRATCH):
+        changes["train.bn_stats"] = cfg.quickstart.peft_bn_stats
+    run = stage_config(cfg, **changes)
     print(f"== {method} on {cfg.dataset.name} ({cfg.dataset.fraction:.0%} of the training labels)", flush=True)
     t = time.time()
     r = classify.train_and_evaluate(run, workdir / method)
