@@ -205,3 +205,35 @@ def _handler(hub: FakeHub):
         do_GET = do_HEAD = _route
 
     return Handler
+
+
+def peft_config(method: str, **fields):
+    """The ``peft`` section of the default config with ``method`` and the given fields set."""
+    from peft_jax.config import base_config
+
+    c = base_config().peft
+    c.method = method
+    c.update(fields)
+    return c
+
+
+def perturb_adapters(model, seed: int = 7) -> None:
+    """Moves the adapter variables away from their initialisation so a merge has something to fold."""
+    import jax
+    from flax import nnx
+
+    from peft_jax.adapters import ADAPTER_TYPES
+
+    state = nnx.state(model, nnx.Any(*ADAPTER_TYPES))
+    keys = iter(jax.random.split(jax.random.key(seed), 1000))
+    nnx.update(model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), state))
+
+
+def assert_same_logits(after, before) -> None:
+    """Equal to 1e-5, relative to the largest logit."""
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * float(np.abs(np.asarray(before)).max()))
+
+
+def train_losses(workdir: pathlib.Path) -> list[float]:
+    """The logged training loss of every step (metrics.jsonl, one record per logged step)."""
+    return [json.loads(line)["loss"] for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]

@@ -15,17 +15,12 @@ from peft_jax.adapters import ADAPTER_TYPES, apply_peft, merge, param_report, tr
 from peft_jax.adapters.cnn import ParallelConv, centre_tap_problem
 from peft_jax.adapters.tsa import TSAConv
 from peft_jax.config import base_config
+from peft_jax.testing import assert_same_logits, perturb_adapters
+from peft_jax.testing import peft_config as peft_cfg
 from peft_jax.models import create_model
 from peft_jax.models import resnet as resnet_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def peft_cfg(method, **kw):
-    c = base_config().peft
-    c.method = method
-    c.update(kw)
-    return c
 
 
 # ----------------------------------------------------------------- ResNet-50 in closed form
@@ -112,17 +107,6 @@ def resnet18():
 
 
 X = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-
-
-def perturb_adapters(model, seed=7):
-    """Moves the adapter variables away from their initialisation so a merge has something to fold."""
-    state = nnx.state(model, nnx.Any(*ADAPTER_TYPES))
-    keys = iter(jax.random.split(jax.random.key(seed), 1000))
-    nnx.update(model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), state))
-
-
-def assert_same_logits(after, before):
-    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * float(jnp.abs(before).max()))
 
 
 PLAIN_TYPES = (resnet_lib.ResNet, resnet_lib.BasicBlock, resnet_lib.Downsample, resnet_lib.GlobalAvgPool,

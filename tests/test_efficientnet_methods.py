@@ -18,8 +18,8 @@ from peft_jax.config import base_config
 from peft_jax.models import create_model
 from peft_jax.models import efficientnet as effnet
 from peft_jax.train import builder, classify
-from test_cnn_methods import assert_same_logits, peft_cfg, perturb_adapters
-from test_vit_train_methods import train_losses
+from peft_jax.testing import assert_same_logits, perturb_adapters, train_losses
+from peft_jax.testing import peft_config as peft_cfg
 
 # ----------------------------------------------------------------- Lite0 in closed form
 # The torch definition's block arguments (efficientnet-lite-pytorch, as the TF release):

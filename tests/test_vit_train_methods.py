@@ -17,6 +17,7 @@ from peft_jax.adapters import METHODS
 from peft_jax.adapters.io import load_adapter
 from peft_jax.config import base_config
 from peft_jax.train import builder, classify
+from peft_jax.testing import train_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every registered ViT method on its own but the two without a body (each run checks that every one of its
@@ -32,11 +33,6 @@ def tiny_experiment(method: str):
     c.peft.method = method
     c.train.update(num_steps=20, batch_size=16, lr=3e-3, warmup_steps=2, log_every=1, eval_every=20, progress=False)
     return c
-
-
-def train_losses(workdir: pathlib.Path) -> list[float]:
-    """The logged training loss of every step (metrics.jsonl, one record per logged step)."""
-    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_loss_falls(losses: list[float]) -> None:
