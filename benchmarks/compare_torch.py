@@ -1,4 +1,4 @@
-"""Train-step throughput of peft_jax against PyTorch (transformers + peft), side by side.
+"""Train-step throughput of peft_jax against PyTorch (transformers + peft; efficientnet-lite-pytorch), side by side.
 
     python benchmarks/compare_torch.py                 # every CPU case, writes BENCHMARKS.md
     python benchmarks/compare_torch.py --cases vit_b16_lora_fp32,resnet50_full_fp32 --steps 5
@@ -38,6 +38,7 @@ CASES = {
     for model, methods, dtypes in (
         ("vit_b16", ("lora", "full", "linear", "ssf", "vpt_deep"), ("fp32", "bf16")),
         ("resnet50", ("full", "ssf", "bn_tune", "lora_conv"), ("fp32",)),
+        ("efficientnet_lite0", ("full", "ssf", "bn_tune"), ("fp32",)),
         ("vit_h14", ("lora",), ("bf16",)),
     )
     for method in methods for dtype in dtypes
@@ -145,11 +146,16 @@ def torch_worker(model_name: str, method: str, dtype: str):
                                         intermediate_size=mlp, image_size=SIZE, patch_size=patch, num_labels=2,
                                         layer_norm_eps=1e-6)
         model = transformers.ViTForImageClassification(config)
-    else:
+    elif model_name.startswith("resnet"):
         config = transformers.ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
                                            layer_type="bottleneck", num_labels=2)
         model = transformers.ResNetForImageClassification(config)
-    head = "classifier"
+    else:  # efficientnet-lite-pytorch, the definition the ImageNet weights come from
+        from efficientnet_lite_pytorch import EfficientNet
+
+        model = EfficientNet.from_name(model_name.replace("_", "-"), num_classes=2, image_size=SIZE)
+    # the head's and the BatchNorms' module names
+    head, norm = ("_fc", "._bn") if model_name.startswith("efficientnet") else ("classifier", "normalization")
     if method in ("lora", "lora_conv"):
         import peft
 
@@ -159,14 +165,14 @@ def torch_worker(model_name: str, method: str, dtype: str):
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, target_modules=targets,
                                                            modules_to_save=[head]))
     elif method == "ssf":
-        add_torch_ssf(model, torch)
+        add_torch_ssf(model, torch, head)
     elif method == "vpt_deep":
         add_torch_vpt_deep(model, torch, num_tokens=10)
     for name, p in model.named_parameters():
         if method == "full":
             p.requires_grad_(True)
         elif method in ("linear", "bn_tune", "ssf", "vpt_deep"):
-            trainable = head in name or (method == "bn_tune" and "normalization" in name) or (
+            trainable = head in name or (method == "bn_tune" and norm in f".{name}") or (
                 method == "ssf" and "ssf_" in name) or (method == "vpt_deep" and "vpt_prompts" in name)
             p.requires_grad_(trainable)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -174,7 +180,7 @@ def torch_worker(model_name: str, method: str, dtype: str):
     model = model.to(device)
     x = torch.randn(batch_size, 3, SIZE, SIZE, device=device)
     y = torch.randint(0, 2, (batch_size,), device=device)
-    if model_name.startswith("resnet"):  # torch's fastest CPU layout for convolutions
+    if not model_name.startswith("vit"):  # torch's fastest CPU layout for convolutions
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     model.train()
@@ -187,7 +193,8 @@ def torch_worker(model_name: str, method: str, dtype: str):
         sync()
         t = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
+            logits = model(x) if model_name.startswith("efficientnet") else model(pixel_values=x).logits
+            loss = torch.nn.functional.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -223,11 +230,11 @@ def add_torch_vpt_deep(model, torch, num_tokens: int) -> None:
         layer.register_forward_hook(remove)
 
 
-def add_torch_ssf(model, torch):
+def add_torch_ssf(model, torch, head: str):
     """A minimal SSF for the reference: scale and shift after every Linear/Conv2d/LayerNorm/BatchNorm2d."""
     kinds = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
     for name, module in list(model.named_modules()):
-        if not isinstance(module, kinds) or "classifier" in name:
+        if not isinstance(module, kinds) or head in name:
             continue
         channels = module.out_features if isinstance(module, torch.nn.Linear) else (
             module.out_channels if isinstance(module, torch.nn.Conv2d) else (

@@ -76,9 +76,11 @@ def check_method(method: str, family: str) -> list[str]:
 
 
 def check_dataset(name: str) -> None:
+    if name == "chestmnist":
+        raise ValueError("dataset.name 'chestmnist' is multi-label (14 findings per image); peft_jax trains "
+                         f"single-label classifiers. Valid names: {', '.join(DATASET_NAMES)}")
     if name not in DATASET_NAMES:
-        hint = " (chestmnist is multi-label; only single-label datasets are supported)" if name == "chestmnist" else ""
-        raise ValueError(str(unknown_name_error("dataset (dataset.name)", name, DATASET_NAMES)) + hint)
+        raise unknown_name_error("dataset (dataset.name)", name, DATASET_NAMES)
 
 
 def check_names(cfg) -> None:

@@ -66,6 +66,18 @@ def test_busi_real_images(shared_data, tmp_path):
     assert tuple(np.bincount(small.train.labels)) == (4, 4, 4) and small.train.images[0].shape == (256, 256, 1)
 
 
+def test_busi_accepts_the_class_folders_directly_and_prints_one_honest_line(shared_data, tmp_path, capfd):
+    manual = tmp_path / "flat"  # the release's contents without its Dataset_BUSI_with_GT/ folder
+    for cls in ("benign", "malignant", "normal"):
+        _link_tree(shared_data / "busi" / cls, manual / cls)
+    ds = data.load_dataset(_cfg("busi", manual, tmp_path / "tfds"), seed=0)
+    assert [tuple(np.bincount(s.labels)) for s in (ds.train, ds.validation, ds.test)] == [(21,) * 3, (3,) * 3, (6,) * 3]
+    out = capfd.readouterr()
+    builder = tfds_loader.make_builder("busi", data_dir=tmp_path / "tfds")
+    assert f"[data] preparing busi from {manual} into {builder.data_dir}" in out.err
+    assert "Downloading and preparing" not in out.out + out.err and "downloaded and prepared" not in out.out + out.err
+
+
 def test_busi_corrupt_image_is_named_or_skipped_with_a_warning(shared_data, tmp_path):
     for cls in ("benign", "malignant", "normal"):
         _link_tree(shared_data / "busi" / cls, tmp_path / "m" / cls)

@@ -77,6 +77,7 @@ def prepare(name: str, *, manual_dir: str | os.PathLike | None = None, data_dir:
             f"Dataset {name!r} is not prepared in {builder.data_dir} and its manual directory "
             f"{str(manual) if manual else '(unset)'} does not exist. Set dataset.manual_dir (or $PEFT_JAX_DATA). "
             f"{' '.join(builder.manual_instructions().split())}")  # one line: the launchers print `error: ...`
+    print(f"[data] preparing {name} from {source} into {builder.data_dir}", file=sys.stderr, flush=True)
     fingerprint = source_fingerprint(builder, source)  # before building: a change during the build is seen next time
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(source)))
     (pathlib.Path(builder.data_dir) / SOURCE_FILE).write_text(json.dumps(fingerprint, indent=1))

@@ -27,8 +27,8 @@ class Busi(common.MedicalImageBuilder):
     LICENSE = "not stated by the authors (redistributions list CC0 1.0)"
     CITATION = ("Al-Dhabyani W, Gomaa M, Khaled H, Fahmy A. Dataset of breast ultrasound images. "
                 "Data in Brief 28 (2020) 104863.")
-    LAYOUT = ("  Dataset_BUSI_with_GT/{benign,malignant,normal}/<class> (<n>).png "
-              "(the *_mask*.png files may stay)")
+    LAYOUT = ("  {benign,malignant,normal}/<class> (<n>).png, directly in the manual directory or in its "
+              "Dataset_BUSI_with_GT/ sub-folder (the unzipped release; the *_mask*.png files may stay)")
 
     def _split_generators(self, dl_manager):
         root = self._manual_root(dl_manager, "benign", alternatives=["Dataset_BUSI_with_GT"])

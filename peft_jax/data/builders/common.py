@@ -63,6 +63,13 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         source path imports the `importlib_resources` backport, which is not a dependency.)"""
         return None
 
+    def _log_download_bytes(self) -> None:
+        """Silenced: TFDS's "Downloading and preparing dataset Unknown size..." is untrue here (nothing is
+        downloaded); tfds_loader.prepare prints what happens instead."""
+
+    def _log_download_done(self) -> None:
+        """Silenced: TFDS's "Dataset ... downloaded and prepared" (see _log_download_bytes)."""
+
     @classmethod
     def manual_instructions(cls) -> str:
         return f"Download the release from {cls.HOMEPAGE} (license: {cls.LICENSE}) and lay it out as:\n{cls.LAYOUT}"
