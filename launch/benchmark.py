@@ -33,9 +33,9 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile one train step per (mode
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = runtime.checked_config(_CONFIG.value, names=False)  # the grid checks every cell's names
     from peft_jax.hpo import grid, report
 
-    cfg = _CONFIG.value
     workdir = pathlib.Path(_WORKDIR.value)
     if _DRY_RUN.value:
         grid.dry_run(cfg, workdir)

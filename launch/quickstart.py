@@ -25,9 +25,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output folder.")
 
 def main(argv: list[str]) -> None:
     del argv
+    cfg = runtime.checked_config(_CONFIG.value, free=("quickstart",))
     from peft_jax.train import quickstart
 
-    quickstart.run(_CONFIG.value, _WORKDIR.value)
+    quickstart.run(cfg, _WORKDIR.value)
 
 
 if __name__ == "__main__":

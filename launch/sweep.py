@@ -28,10 +28,11 @@ _WORKERS = flags.DEFINE_integer("workers", 1, "Trial processes on this host.")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = runtime.checked_config(_CONFIG.value)
     from peft_jax.hpo import sweep
 
     workdir = pathlib.Path(_WORKDIR.value)
-    summary = sweep.run_sweep(_CONFIG.value, workdir, workers=_WORKERS.value)
+    summary = sweep.run_sweep(cfg, workdir, workers=_WORKERS.value)
     if summary["best_value"] is None:
         print(f"error: no trial finished ({summary['trials']}); see the errors in {workdir / 'sweep_results.json'}",
               file=sys.stderr)

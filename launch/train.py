@@ -26,9 +26,9 @@ SUMMARY = ("method", "model", "dataset", "trainable_params", "trainable_percent"
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = runtime.checked_config(_CONFIG.value)
     from peft_jax.train import classify, workdir
 
-    cfg = _CONFIG.value
     runtime.init_distributed(cfg)
     config_name = pathlib.Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     folder = pathlib.Path(_WORKDIR.value or f"runs/{config_name}")

@@ -38,6 +38,21 @@ def setup() -> None:
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
+def checked_config(cfg, *, names: bool = True, free: tuple[str, ...] = ()):
+    """The ``--config`` flag's config, refused when its file has a key the schema lacks or (``names``) an
+    unknown model, dataset or method: before the launcher's heavy imports, so a typo costs a second."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from peft_jax.config import check_config_keys
+    from peft_jax.names import check_names
+
+    check_config_keys(cfg, config_flags.get_config_filename(flags.FLAGS["config"]), free=free)
+    if names:
+        check_names(cfg)
+    return cfg
+
+
 def init_distributed(cfg) -> None:
     """Joins a multi-process run when ``distributed.enabled`` (before any other JAX call).
 
