@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
     records = grid.run_grid(cfg, workdir, workers=_WORKERS.value)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     summary = report.write_all(records, pathlib.Path(_REPORT_DIR.value or workdir), command, str(cfg),
-                               reference=cfg.benchmark.reference)
+                               reference=cfg.benchmark.reference, min_group_size=cfg.benchmark.min_group_size)
     print(f"[benchmark] {summary['runs']} runs ({summary['failed']} failed); report in "
           f"{pathlib.Path(summary['out_dir']) / 'report.md'}")
     if summary["failed"]:

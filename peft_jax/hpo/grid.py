@@ -39,6 +39,7 @@ def benchmark_section(methods: str, models: str, datasets: str, fractions: str, 
     b.seeds = seeds  # one final run per seed; the sweep (if any) uses the first
     b.search = "fixed"  # "fixed": hyper-parameters from overrides; "sweep": ASHA per cell (the 'sweep' section)
     b.reference = "full"  # report.md gives every method's gain over this one
+    b.min_group_size = 10  # fairness gaps only over subgroups with at least this many test images
     # > 0: after each final run, explain that many test images (peft_jax/explain: explanations.json,
     # scored against the dataset's lesion masks; datasets without masks are skipped with a note).
     b.explain_images = 0
