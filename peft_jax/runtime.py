@@ -38,9 +38,42 @@ def setup() -> None:
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
+# ``--config.a.b=None`` overrides, taken out of argv before absl parses it (ml_collections would parse
+# "None" as the field's type and fail); ``checked_config`` applies them.
+NONE_OVERRIDES: list[str] = []
+
+
+def pop_none_overrides(argv: list[str]) -> list[str]:
+    """Removes ``--config.a.b=None`` from ``argv`` (in place) and returns the dotted keys."""
+    keys = [a.split("=", 1)[0].removeprefix("--config.") for a in argv if a.startswith("--config.") and
+            a.endswith("=None")]
+    argv[:] = [a for a in argv if not (a.startswith("--config.") and a.endswith("=None"))]
+    return keys
+
+
+def reset_optional_fields(cfg, keys: list[str]):
+    """``cfg`` with the optional fields ``keys`` set back to None; a field that needs a value is refused."""
+    from ml_collections import FieldReference
+
+    from peft_jax.config import with_values
+
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p] if p in node else None
+            if node is None:
+                break
+        field = getattr(node, "_fields", {}).get(leaf) if node is not None else None
+        if node is not None and leaf in node and not (isinstance(field, FieldReference) or node[leaf] is None):
+            raise ValueError(f"--config.{key}=None: {key} is not optional; give it a value")
+    return with_values(cfg, {k: None for k in keys}, "--config ...=None")
+
+
 def checked_config(cfg, *, names: bool = True, free: tuple[str, ...] = ()):
-    """The ``--config`` flag's config, refused when its file has a key the schema lacks or (``names``) an
-    unknown model, dataset or method: before the launcher's heavy imports, so a typo costs a second."""
+    """The ``--config`` flag's config with its ``=None`` overrides applied, refused when its file has a key
+    the schema lacks or (``names``) an unknown model, dataset or method: before the launcher's heavy
+    imports, so a typo costs a second."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -48,6 +81,7 @@ def checked_config(cfg, *, names: bool = True, free: tuple[str, ...] = ()):
     from peft_jax.names import check_names
 
     check_config_keys(cfg, config_flags.get_config_filename(flags.FLAGS["config"]), free=free)
+    cfg = reset_optional_fields(cfg, NONE_OVERRIDES)
     if names:
         check_names(cfg)
     return cfg
@@ -88,6 +122,7 @@ def run(main: Callable[[list[str]], None]) -> None:
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
+    NONE_OVERRIDES[:] = pop_none_overrides(sys.argv)
     try:
         app.run(guarded)
     except (AttributeError, KeyError, ValueError, TypeError) as e:  # raised while parsing --config.x=y overrides
