@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import sys
 import time
 from collections.abc import Callable
 
@@ -91,17 +92,34 @@ class Progress:
 
 
 class Log:
-    """The progress bar, ``metrics.jsonl`` and TensorBoard, written by process 0 only."""
+    """The progress bar, ``metrics.jsonl`` and TensorBoard, written by process 0 only.
 
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Workdir, start: int):
+    On a terminal the bar redraws in place; in a log file (no TTY) it would write a carriage-return
+    line per update, so there a plain line is printed per logged step instead.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Workdir, start: int, best_f1: float):
         main = jax.process_index() == 0
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(workdir.path / "tb")) if main else None
         self.jsonl = (workdir.path / "metrics.jsonl").open("a") if main else None
-        self.bar = tqdm.tqdm(total=int(cfg.train.num_steps), initial=start,
-                             desc=f"{cfg.peft.method} on {cfg.dataset.name}",
-                             disable=not cfg.train.progress or not main, dynamic_ncols=True)
+        show = bool(cfg.train.progress) and main
+        self.lines = show and not sys.stderr.isatty()
+        self.total, self.desc = int(cfg.train.num_steps), f"{cfg.peft.method} on {cfg.dataset.name}"
+        self.bar = tqdm.tqdm(total=self.total, initial=start, desc=self.desc, disable=not show or self.lines,
+                             dynamic_ncols=True)
+        self.shown = {"loss": float("nan"), "best_f1": best_f1}
+
+    def show(self, step: int, **values: float) -> None:
+        """The latest loss and best validation macro-F1, on the bar or as one line."""
+        self.shown.update(values)
+        best = self.shown["best_f1"]
+        text = {"loss": f"{self.shown['loss']:.4f}", "best_f1": f"{best:.3f}" if best >= 0 else "-"}
+        self.bar.set_postfix(text)
+        if self.lines:
+            print(f"{self.desc}: step {step}/{self.total} loss {text['loss']} best_f1 {text['best_f1']}",
+                  file=sys.stderr, flush=True)
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
         if self.writer:
@@ -109,7 +127,7 @@ class Log:
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
 
     def train_step(self, step: int, metrics: dict, best_f1: float) -> None:
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", best_f1=f"{best_f1:.3f}")
+        self.show(step, loss=metrics["loss"], best_f1=best_f1)
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
             self.jsonl.flush()
@@ -162,6 +180,7 @@ def validate(steps, state: TrainState, split: data_lib.Split, cfg: ml_collection
     if val["macro_f1"] > progress.best_f1:
         progress.best_f1, progress.best_step, progress.bad_evals, progress.best_val = val["macro_f1"], step, 0, val
         workdir.save("best", step, state.saved(), progress.meta())
+        log.show(step, best_f1=progress.best_f1)
         return val
     progress.bad_evals += 1
     if cfg.train.patience and progress.bad_evals >= cfg.train.patience:
@@ -182,7 +201,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: Workdir, state: TrainState, s
         data.train, batch_size=t.batch_size, image_size=int(cfg.model.image_size), seed=cfg.seed,
         start_step=progress.step, augment=cfg.dataset.augment, num_workers=cfg.dataset.num_workers,
         shard_index=jax.process_index(), shard_count=jax.process_count())
-    log, pending = Log(cfg, workdir, progress.step), None
+    log, pending = Log(cfg, workdir, progress.step, progress.best_f1), None
     try:
         with sigterm_flag() as stop:
             while progress.step < num_steps and not progress.stopped_early:
