@@ -45,7 +45,7 @@ def test_sweep_prunes_trials_that_fall_behind(shared_data, tmp_path):
 
 
 def test_rungs_stop_before_the_budget_and_the_summary_counts_saved_steps(tmp_path):
-    cfg = hpo.with_values(base_config(), {"train.num_steps": 80})
+    cfg = with_values(base_config(), {"train.num_steps": 80})
     cfg.sweep = hpo.sweep_section(num_trials=3, min_resource=20, space={"common": "train.lr=log(1e-4, 1e-1)"})
     assert sweep_lib.rungs(cfg) == [20]  # 80 is the budget's end: a rung there would save nothing
     cfg.sweep.reduction_factor = 2

@@ -276,7 +276,7 @@ def test_a_changed_manual_folder_is_prepared_again(shared_data, tmp_path, capfd)
     cfg = busi_cfg(shared_data, tmp_path)
     manual = pathlib.Path(cfg.manual_dir)
     total = lambda ds: len(ds.train) + len(ds.validation) + len(ds.test)  # noqa: E731
-    assert total(data.load_dataset(cfg, seed=0)) == 90
+    assert total(data.load_dataset(cfg, seed=0)) == 90 and "preparing busi" in capfd.readouterr().err
     assert total(data.load_dataset(cfg, seed=0)) == 90 and "preparing" not in capfd.readouterr().err  # reused
     for f in sorted((manual / "benign").iterdir())[:10] + sorted((manual / "normal").iterdir())[:10]:
         f.unlink()

@@ -249,13 +249,17 @@ def _kill_workers(procs: dict[int, multiprocessing.Process]) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether the process runs; a zombie (killed, its parent gone, not yet reaped by init) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state letter follows the command name in parentheses
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def fail_dead_trials(study: optuna.Study, pids: set[int] | None = None, retry: bool = True) -> int:
