@@ -17,9 +17,10 @@ TINY = {"model.name": "vit_ti16", "model.image_size": 28, "model.patch_size": 4,
         "train.lr": 1e-3, "train.patience": 0}
 
 
-def tiny_sweep_config(num_trials: int, space: str):
+def tiny_sweep_config(num_trials: int, space: str, min_resource: int = 5):
     cfg = with_values(base_config(), TINY)
-    cfg.sweep = hpo.sweep_section(num_trials=num_trials, min_resource=5, max_resource=10, space={"common": space})
+    cfg.sweep = hpo.sweep_section(num_trials=num_trials, min_resource=min_resource, max_resource=10,
+                                  space={"common": space})
     cfg.lock()
     return cfg
 
@@ -61,7 +62,8 @@ def test_rungs_stop_before_the_budget_and_the_summary_counts_saved_steps(tmp_pat
 
 
 def test_two_workers_share_one_study_and_a_failing_trial_does_not_stop_it(shared_data, tmp_path):
-    cfg = tiny_sweep_config(3, "train.lr=log(1e-4, 1e-2); peft.method=choice(full, no_such_method)")
+    # min_resource at the budget's end: no rung, so which of the two parallel runs reports first cannot prune one
+    cfg = tiny_sweep_config(3, "train.lr=log(1e-4, 1e-2); peft.method=choice(full, no_such_method)", min_resource=10)
     study = sweep_lib.open_study(cfg, tmp_path)
     study.enqueue_trial({"peft.method": "no_such_method"})  # fails while building the model
     for _ in range(2):

@@ -18,7 +18,7 @@ Protocol (this project's choices, sized for 2 CPU cores; see results/imagenet_cn
   ImageNet features still transfer at this size and a run costs seconds, not minutes.
 
 `configs/benchmark/imagenet_cnn.py:lite` (the default) is the grid above (hours on 2 cores; resumable
-run by run); `:busi_cpu` is the slice that ran for the committed report; `:all` adds Lite1/Lite2 (the
+run by run); `:busi_cpu` and `:ham_cpu` are the slices that ran for the committed report; `:all` adds Lite1/Lite2 (the
 `imagenet_lite` extra), more fractions and 224 px, for a machine with more time.
 """
 import os
@@ -70,12 +70,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     if arg == "busi_cpu":
         busi_cpu(c)
+    elif arg == "ham_cpu":
+        ham_cpu(c)
     elif arg == "all":
         c.benchmark.models = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
         c.model.image_size = 224
         c.benchmark.fractions = "0.01,0.05,0.1,0.25,1.0"
     elif arg not in (None, "lite"):
-        raise ValueError(f"configs/benchmark/imagenet_cnn.py:{arg} is unknown; valid: lite, busi_cpu, all")
+        raise ValueError(f"configs/benchmark/imagenet_cnn.py:{arg} is unknown; valid: lite, busi_cpu, ham_cpu, all")
     return c
 
 
@@ -93,3 +95,15 @@ def busi_cpu(c: ml_collections.ConfigDict) -> None:
     c.benchmark.evals_per_run = 5
     c.sweep.num_trials = 3
     c.benchmark.seeds = "0,1"
+
+
+def ham_cpu(c: ml_collections.ConfigDict) -> None:
+    """The HAM10000 slice for one 2-core session: 2%, 10% and 100% of the labels, 96 px (so that Grad-CAM's
+    last stage is 3x3, not 2x2), six methods, seeds 0 and 1, 3-trial sweeps, at most 200 steps (about one
+    epoch at 100%), and explanations of 32 test images per run scored against the lesion masks."""
+    busi_cpu(c)
+    c.model.image_size = 96
+    c.benchmark.methods = "linear,full,bitfit,bn_tune,ssf,tsa"
+    c.benchmark.datasets = "ham10000"
+    c.benchmark.max_steps = 200
+    c.benchmark.explain_images = 32
