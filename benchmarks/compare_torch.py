@@ -10,7 +10,8 @@ torch step, ...) so that machine noise hits both alike, and reports medians afte
 the ratio, peak memory (resident set on CPU, device peak on GPU), optimizer-state bytes per
 trainable parameter, and for JAX the FLOP utilisation (XLA's cost analysis of the step) against
 the matmul ceiling measured in the same run. For the ``--glibc_cases`` a third worker runs JAX
-without tcmalloc. The last line printed is one JSON object of speedups.
+without tcmalloc. The last line printed is one JSON object: per case, ``<case>_speedup`` (torch's step time
+over JAX's) and ``<case>_memory_ratio`` (JAX's peak memory in the timed steps over torch's).
 """
 from __future__ import annotations
 
@@ -342,10 +343,21 @@ def measure(case: str, steps: int, warmup: int, threads: int, tcmalloc: str | No
         median = statistics.median(times[name])
         result[name] = {"median_s": median, "images_per_s": batch / median, "times": times[name], **extra}
     result["speedup"] = result["torch"]["median_s"] / result["jax"]["median_s"]
+    result["memory_ratio"] = memory_ratio(result)
     j = result["jax"]
     ceiling = j["bf16_ceiling"] if CASES[case][2] == "bf16" else j["fp32_ceiling"]
     result["jax_utilisation"] = j["flops_per_step"] / j["median_s"] / ceiling
     return result
+
+
+def memory_ratio(result: dict) -> float | None:
+    """JAX's peak memory over torch's in the timed steps: the device peak on a GPU (the only place it is
+    set), the resident set's peak on CPU."""
+    for key in ("device_peak_bytes", "step_peak_rss_bytes"):
+        jax_bytes, torch_bytes = result["jax"].get(key), result["torch"].get(key)
+        if jax_bytes and torch_bytes:
+            return jax_bytes / torch_bytes
+    return None
 
 
 def _gb(n: float | None) -> str:
@@ -441,7 +453,11 @@ def main() -> None:
         results.append(r)
     command = "python benchmarks/compare_torch.py " + " ".join(sys.argv[1:])
     write_markdown(results, command.strip(), allocator, pathlib.Path(args.out), args.peak_tflops)
-    summary = {f"{r['case'].removesuffix('_fp32')}_speedup": round(r["speedup"], 3) for r in results}
+    summary = {}
+    for r in results:
+        name = r["case"].removesuffix("_fp32")
+        summary[f"{name}_speedup"] = round(r["speedup"], 3)
+        summary[f"{name}_memory_ratio"] = None if r["memory_ratio"] is None else round(r["memory_ratio"], 3)
     print(json.dumps(summary))
 
 
