@@ -41,7 +41,13 @@ def main(argv: list[str]) -> None:
         grid.dry_run(cfg, workdir)
         print(f"dry run passed for every (model, method); details in {workdir / 'dry_run.json'}")
         return
-    records = grid.run_grid(cfg, workdir, workers=_WORKERS.value)
+    from peft_jax.train.workdir import Preempted
+
+    try:
+        records = grid.run_grid(cfg, workdir, workers=_WORKERS.value)
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as launch/train.py: rerunning continues from the saved step
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     summary = report.write_all(records, pathlib.Path(_REPORT_DIR.value or workdir), command, str(cfg),
                                reference=cfg.benchmark.reference, min_group_size=cfg.benchmark.min_group_size)

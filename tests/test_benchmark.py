@@ -139,3 +139,24 @@ def test_fractions_by_dataset_give_a_large_dataset_fewer_cells():
     cfg.benchmark.fractions_by_dataset = {"ham10000": "0.1"}
     with pytest.raises(ValueError, match="fractions_by_dataset names"):
         grid.cells(cfg)
+
+
+def test_a_sigterm_stops_the_whole_grid_not_only_its_run(shared_data, tmp_path, monkeypatch):
+    from peft_jax.train import classify
+    from peft_jax.train.workdir import Preempted
+
+    calls = []
+
+    def preempted(run_cfg, run_dir, **kwargs):
+        calls.append(run_dir)
+        raise Preempted(f"[preempted] SIGTERM at step 3: saved {run_dir}")
+
+    monkeypatch.setattr(classify, "train_and_evaluate", preempted)
+    cfg = with_values(base_config(), {"model.name": "vit_ti16", "model.image_size": 28, "model.patch_size": 4,
+                                      "model.depth": 1, "train.progress": False})
+    cfg.benchmark = hpo.benchmark_section(methods="linear,full", models="vit_ti16", datasets="breastmnist",
+                                          fractions="1.0", seeds="0,1")
+    cfg.lock()
+    with pytest.raises(Preempted):
+        grid.run_grid(cfg, tmp_path / "work")
+    assert len(calls) == 1  # the next runs wait for the rerun, which continues the preempted one

@@ -248,6 +248,7 @@ def explain_final_run(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> 
 def run_grid(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, workers: int = 1) -> list[dict]:
     """Runs (or resumes) every cell; returns one record per final run (failed runs carry an ``error``)."""
     from peft_jax.train import classify
+    from peft_jax.train.workdir import Preempted
 
     workdir = pathlib.Path(workdir)
     grid = cells(cfg)
@@ -286,6 +287,8 @@ def run_grid(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worker
             start = time.time()
             try:
                 result = classify.train_and_evaluate(run_cfg, run_dir)
+            except Preempted:  # SIGTERM: the run saved its step; the whole grid stops and a rerun continues
+                raise
             except Exception as e:  # one broken run must not end a long benchmark; it is listed in the report
                 record["error"] = f"{type(e).__name__}: {e}"[:500]
                 print(f"[benchmark]   failed: {record['error']}", flush=True)
