@@ -13,6 +13,11 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over ~15 s on 2 cores (training runs, sweeps, Stable Diffusion); "
+                                       "`-m 'not slow'` is the quick development loop, CI runs everything")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
     """The folder of real public data (../shared/data in CI); skips the test when absent."""
