@@ -14,7 +14,7 @@ from peft_jax import runtime
 if __name__ == "__main__":
     runtime.setup()  # re-executes with tcmalloc preloaded, before jax is imported
 
-from absl import flags  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from peft_jax.models.diffusion import schedulers  # noqa: E402
 
@@ -35,9 +35,9 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Pixels (0: the adapter's tr
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {argv[1:]}")
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _BASE.value:
-        raise ValueError("--base: set it to a diffusers Stable Diffusion pipeline folder")
+        raise app.UsageError("--base: set it to a diffusers Stable Diffusion pipeline folder")
     from peft_jax.t2i import sample
 
     prompts = sample.read_prompts(_PROMPT.value, _PROMPTS_FILE.value)

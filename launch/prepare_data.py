@@ -14,7 +14,7 @@ import sys
 
 import ml_collections
 
-from peft_jax import data
+from peft_jax import data, errors
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,4 +40,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    errors.guard(main)()  # a bad dataset name or folder: one error line, exit code 2

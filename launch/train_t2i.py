@@ -18,7 +18,7 @@ from peft_jax import runtime
 if __name__ == "__main__":
     runtime.setup()  # re-executes with tcmalloc preloaded, before jax is imported
 
-from absl import flags  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sd15.py:<method>", lock_config=True)
@@ -27,7 +27,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/t2i", "Output folder.")
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {argv[1:]}")
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from peft_jax.t2i import train
     from peft_jax.train.workdir import Preempted
 

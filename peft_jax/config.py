@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from peft_jax.errors import UserError
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -164,7 +166,7 @@ def check_keys(config: ml_collections.ConfigDict, keys, where: str) -> None:
         node = config
         for part in key.split("."):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ValueError(f"{where}: {unknown_key_message(config, key)}")
+                raise UserError(f"{where}: {unknown_key_message(config, key)}")
             node = node[part]
 
 
@@ -182,7 +184,7 @@ def with_values(config: ml_collections.ConfigDict, values: Mapping[str, Any],
         try:
             node[leaf] = value
         except TypeError as e:
-            raise ValueError(f"{where}: {key}={value!r} has the wrong type for that field ({e})") from None
+            raise UserError(f"{where}: {key}={value!r} has the wrong type for that field ({e})") from None
     return new
 
 
@@ -220,7 +222,7 @@ def check_config_keys(config: ml_collections.ConfigDict, where: str, *, schema: 
             if name in skip:
                 continue
             if key not in reference:
-                raise ValueError(f"{where}: {unknown_key_message(schema, name)}")
+                raise UserError(f"{where}: {unknown_key_message(schema, name)}")
             if isinstance(value, ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
                 visit(value, reference[key], name + ".")
 

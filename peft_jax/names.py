@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 
+from peft_jax.errors import UserError
+
 VIT_NAMES = ("vit_ti16", "vit_s16", "vit_b16", "vit_b32", "vit_l16", "vit_h14")  # models/vit.py VIT_VARIANTS
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101")
 EFFICIENTNET_NAMES = tuple(f"efficientnet_lite{i}" for i in range(5))  # models/efficientnet.py
@@ -38,11 +40,11 @@ BUILDER_NAMES = ("busi", "chest_xray_pneumonia", "ham10000", "fitzpatrick17k", "
 DATASET_NAMES: tuple[str, ...] = tuple(sorted(MEDMNIST_NAMES + BUILDER_NAMES))
 
 
-def unknown_name_error(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> ValueError:
-    """A ValueError that names the bad value, the closest valid ones and all valid ones."""
+def unknown_name_error(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> UserError:
+    """A UserError that names the bad value, the closest valid ones and all valid ones."""
     close = difflib.get_close_matches(name, valid, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid)}")
+    return UserError(f"unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid)}")
 
 
 def model_family(model_name: str) -> str:
@@ -64,20 +66,20 @@ def check_method(method: str, family: str) -> list[str]:
     valid = family_methods(family)
     title = FAMILY_TITLES[family]
     if not names:
-        raise ValueError(f"peft.method is empty; valid names for {title} models: {', '.join(valid)}")
+        raise UserError(f"peft.method is empty; valid names for {title} models: {', '.join(valid)}")
     for n in names:
         if n not in METHOD_FAMILIES:
             raise unknown_name_error(f"PEFT method (peft.method) for {title} models", n, valid)
         if family not in METHOD_FAMILIES[n]:
             where = ", ".join(FAMILY_TITLES[f] for f in METHOD_FAMILIES[n])
-            raise ValueError(f"PEFT method {n!r} applies to {where} models, not {title}; "
+            raise UserError(f"PEFT method {n!r} applies to {where} models, not {title}; "
                              f"valid names for {title} models: {', '.join(valid)}")
     return names
 
 
 def check_dataset(name: str) -> None:
     if name == "chestmnist":
-        raise ValueError("dataset.name 'chestmnist' is multi-label (14 findings per image); peft_jax trains "
+        raise UserError("dataset.name 'chestmnist' is multi-label (14 findings per image); peft_jax trains "
                          f"single-label classifiers. Valid names: {', '.join(DATASET_NAMES)}")
     if name not in DATASET_NAMES:
         raise unknown_name_error("dataset (dataset.name)", name, DATASET_NAMES)

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from peft_jax.errors import UserError
 from peft_jax.paths import keypath_str
 
 # (regex on the variable path, spec): the first match wins; "auto" is the FSDP rule above.
@@ -30,11 +31,11 @@ def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, str | P], ...]:
     extra = []
     for entry in cfg.get("rules", ()):
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
-            raise ValueError(f"mesh.rules: each entry must be (regex, spec), got {entry!r}")
+            raise UserError(f"mesh.rules: each entry must be (regex, spec), got {entry!r}")
         pattern, spec = entry
         bad = [a for a in ([] if spec == "auto" else spec) if a not in (None, "data", "fsdp")]
         if bad:
-            raise ValueError(f"mesh.rules: {pattern!r} names mesh axes {bad}; the mesh has 'data' and 'fsdp'")
+            raise UserError(f"mesh.rules: {pattern!r} names mesh axes {bad}; the mesh has 'data' and 'fsdp'")
         extra.append((pattern, spec if spec == "auto" else P(*spec)))
     return tuple(extra) + DEFAULT_RULES
 
@@ -44,7 +45,7 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | No
     devices = list(devices if devices is not None else jax.devices())
     n = int(cfg.data) * int(cfg.fsdp)
     if n < 1 or n > len(devices):
-        raise ValueError(
+        raise UserError(
             f"mesh.data x mesh.fsdp = {cfg.data} x {cfg.fsdp} = {n} devices, but {len(devices)} are available; "
             f"set them so that their product is at most {len(devices)}")
     grid = np.array(devices[:n]).reshape(int(cfg.data), int(cfg.fsdp))

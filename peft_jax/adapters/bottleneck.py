@@ -29,6 +29,7 @@ from flax import nnx
 from peft_jax.adapters.core import (
     METHODS, AdapterParam, Method, adapter_dropout, adapter_variables, any_of, leading_shape, register, wrap_modules,
 )
+from peft_jax.errors import UserError
 from peft_jax.models.vit import Block
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -52,9 +53,9 @@ class Bottleneck(nnx.Module):
     def __init__(self, lead: tuple[int, ...], dim: int, hidden: int, activation: str, init: str, *,
                  rngs: nnx.Rngs, dropout: nnx.Dropout | None = None):
         if activation not in ACTIVATIONS:
-            raise ValueError(f"peft.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+            raise UserError(f"peft.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if hidden < 1:
-            raise ValueError(f"peft.bottleneck must be a positive integer, got {hidden}")
+            raise UserError(f"peft.bottleneck must be a positive integer, got {hidden}")
         self.activation = activation
         shape = lead + (dim, hidden)
         up = jnp.zeros(lead + (hidden, dim), jnp.float32)

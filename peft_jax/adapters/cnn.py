@@ -14,6 +14,7 @@ from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 
 from peft_jax.adapters.core import AdapterParam, Path, iter_wrapped, modules_matching, path_str, replace_module
+from peft_jax.errors import UserError
 from peft_jax.models.efficientnet import EfficientNet
 from peft_jax.models.resnet import ResNet, pointwise_conv
 
@@ -43,7 +44,7 @@ def cnn_layout(model: nnx.Module) -> CNNLayout:
     for cls, layout in LAYOUTS.items():
         if isinstance(model, cls):
             return layout
-    raise ValueError(f"{type(model).__name__} has no CNN layout; the CNN methods know "
+    raise UserError(f"{type(model).__name__} has no CNN layout; the CNN methods know "
                      f"{', '.join(cls.__name__ for cls in LAYOUTS)} (peft_jax/adapters/cnn.py LAYOUTS)")
 
 
@@ -109,7 +110,7 @@ class Geometry:
         padding = canonicalize_padding(conv.padding, n)
         padding_mode = isinstance(padding, str) and padding not in ("SAME", "VALID")  # CIRCULAR, REFLECT, CAUSAL
         if conv.feature_group_count != 1 or _pair(conv.input_dilation, n) != (1,) * n or padding_mode:
-            raise ValueError(f"{what}: {path_str(path)} is a grouped, input-dilated or {padding!r}-padded "
+            raise UserError(f"{what}: {path_str(path)} is a grouped, input-dilated or {padding!r}-padded "
                              "convolution, which this method does not adapt")
         padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
         return cls(_pair(conv.strides, n), padding, _pair(conv.kernel_dilation, n))
@@ -197,7 +198,7 @@ class ParallelConv(nnx.Module):
         if problem is None and is_depthwise(base) and alpha.ndim != 1:
             problem = "it is depth-wise, so its adapter is one weight per channel"
         if problem is not None:
-            raise ValueError(f"{what}: cannot put a parallel 1x1 adapter beside {path_str(path)}: {problem}")
+            raise UserError(f"{what}: cannot put a parallel 1x1 adapter beside {path_str(path)}: {problem}")
         self.base = base
         self.tap = CentreTap.of(base)
         self.alpha = AdapterParam(alpha)

@@ -42,6 +42,7 @@ from peft_jax.adapters.cnn import Geometry, block_convs, residual_blocks, wrap_p
 from peft_jax.adapters.core import (
     AdapterParam, Method, Path, adapter_variables, any_of, path_regex, path_str, register, replace_module,
 )
+from peft_jax.errors import UserError
 from peft_jax.models import efficientnet as effnet_lib
 from peft_jax.models import resnet as resnet_lib
 
@@ -61,7 +62,7 @@ class ConvAdapterBranch(nnx.Module):
                  path: Path, act: Callable[[jax.Array], jax.Array] = nnx.relu, group_fan_out: bool = False):
         kh, kw, cin, cout = shape
         if reduction < 1 or cin % reduction:
-            raise ValueError(f"conv_adapter: peft.reduction={reduction} must divide the {cin} input channels of "
+            raise UserError(f"conv_adapter: peft.reduction={reduction} must divide the {cin} input channels of "
                              f"{path_str(path)}")
         hidden = cin // reduction
         self.geometry = geometry

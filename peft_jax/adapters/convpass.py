@@ -17,6 +17,7 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import AdapterParam, Method, adapter_dropout, adapter_variables, is_scanned, register, wrap_modules
+from peft_jax.errors import UserError
 from peft_jax.models.vit import Attention, Mlp
 
 
@@ -48,7 +49,7 @@ class ConvpassBranch(nnx.Module):
         h = quick_gelu(x @ self.down_kernel[...].astype(dt) + self.down_bias[...].astype(dt))
         grid = math.isqrt(n - self.prefix)
         if grid * grid != n - self.prefix:
-            raise ValueError(f"convpass: {n - self.prefix} patch tokens do not form a square grid")
+            raise UserError(f"convpass: {n - self.prefix} patch tokens do not form a square grid")
         kernel, bias = self.conv_kernel[...].astype(dt), self.conv_bias[...].astype(dt)
         patches = h[:, self.prefix:].reshape(b, grid, grid, -1)
         patches = jax.lax.conv_general_dilated(patches, kernel, (1, 1), "SAME",
@@ -65,7 +66,7 @@ class ConvpassBranch(nnx.Module):
 def convpass_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
     rank = int(cfg.rank)
     if rank < 1:
-        raise ValueError(f"peft.rank must be a positive integer, got {cfg.rank}")
+        raise UserError(f"peft.rank must be a positive integer, got {cfg.rank}")
     scale = float(cfg.scale) if cfg.get("scale") is not None else 1.0
     rate = float(cfg.dropout) if cfg.get("dropout") is not None else 0.1
     prefix = model.config.num_prefix_tokens

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from peft_jax.errors import UserError
 from peft_jax.models.vit import LayerShared
 from peft_jax.names import METHOD_FAMILIES, check_method, unknown_name_error
 from peft_jax.paths import path_str  # noqa: F401  (the method files import it from here)
@@ -111,7 +112,7 @@ def wrap_modules(model: nnx.Module, types: tuple[type, ...], pattern: str | None
     """
     targets = modules_matching(model, types, pattern)
     if not targets:
-        raise ValueError(
+        raise UserError(
             f"{what}: no {'/'.join(t.__name__ for t in types)} module matches {pattern!r}. "
             f"Module paths look like {[path_str(p) for p, _ in list(nnx.iter_modules(model))[:4]]}")
     for path, module in sorted(targets, key=lambda t: -len(t[0])):
@@ -140,7 +141,7 @@ def adapter_dropout(model: nnx.Module, rate: float, rngs: nnx.Rngs, *, what: str
     count per layer), so each layer draws its own masks and the scan carries the counts out.
     """
     if rate < 0 or rate >= 1:
-        raise ValueError(f"{what}: dropout must be in [0, 1), got {rate}")
+        raise UserError(f"{what}: dropout must be in [0, 1), got {rate}")
     if rate == 0:
         return nnx.Dropout(0.0)
     key = rngs.params()
@@ -185,7 +186,7 @@ def method_names(cfg: ml_collections.ConfigDict) -> list[str]:
     """``peft.method`` may combine methods with '+', e.g. 'vpt_deep+bitfit'."""
     names = [n.strip() for n in str(cfg.method).split("+") if n.strip()]
     if not names:
-        raise ValueError("peft.method is empty; valid names: " + ", ".join(sorted(METHODS)))
+        raise UserError("peft.method is empty; valid names: " + ", ".join(sorted(METHODS)))
     for n in names:
         if n not in METHODS:
             raise unknown_name_error("PEFT method (peft.method)", n, sorted(METHODS))
@@ -226,7 +227,7 @@ def merge(model: nnx.Module, cfg: ml_collections.ConfigDict) -> nnx.Module:
     for name in reversed(method_names(cfg)):
         method = METHODS[name]
         if method.surgery is not None and method.merge is None:
-            raise ValueError(f"PEFT method {name!r} adds modules that cannot be merged into the backbone")
+            raise UserError(f"PEFT method {name!r} adds modules that cannot be merged into the backbone")
         if method.merge is not None:
             method.merge(model)
     left = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Any(*ADAPTER_TYPES)))]

@@ -25,6 +25,7 @@ from peft_jax.adapters.core import (
     WRAPPED, AdapterParam, Method, adapter_variables, any_of, iter_wrapped, modules_matching, path_regex, register,
     replace_module, wrap_modules,
 )
+from peft_jax.errors import UserError
 
 ATTENTION_SCOPES = {
     "transformer": r"(^|/)attentions/",  # the reference's ``"attentions" in name``
@@ -37,7 +38,7 @@ NORM = rf"(^|/)(norm\d*|conv_norm_out)/{WRAPPED}(scale|bias)$"
 def attention_pattern(cfg: ml_collections.ConfigDict) -> str:
     scope = str(cfg.get("attention_scope") or "transformer")
     if scope not in ATTENTION_SCOPES:
-        raise ValueError(f"peft.attention_scope must be one of {sorted(ATTENTION_SCOPES)}, got {scope!r}")
+        raise UserError(f"peft.attention_scope must be one of {sorted(ATTENTION_SCOPES)}, got {scope!r}")
     return ATTENTION_SCOPES[scope]
 
 

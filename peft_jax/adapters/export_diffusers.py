@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from peft_jax.adapters.core import iter_wrapped, method_names, path_str
 from peft_jax.adapters.lora import LoRALinear
 from peft_jax.checkpoints.diffusers import checkpoint_module_name
+from peft_jax.errors import UserError
 
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
@@ -27,18 +28,18 @@ def export_lora_diffusers(unet: nnx.Module, peft_config: ml_collections.ConfigDi
                           directory: str | pathlib.Path) -> pathlib.Path:
     """Writes the LoRA factors of a U-Net (after ``apply_peft`` with peft.method='lora') into ``directory``."""
     if method_names(peft_config) != ["lora"]:
-        raise ValueError(f"export_diffusers exports plain LoRA adapters; peft.method is {peft_config.method!r}")
+        raise UserError(f"export_diffusers exports plain LoRA adapters; peft.method is {peft_config.method!r}")
     arrays: dict[str, np.ndarray] = {}
     for path, wrapper in iter_wrapped(unet, LoRALinear):
         if "base" in path:
-            raise ValueError(f"export_diffusers: the LoRA layer at {path_str(path)} is nested in another wrapper")
+            raise UserError(f"export_diffusers: the LoRA layer at {path_str(path)} is nested in another wrapper")
         prefix = f"unet.{checkpoint_module_name(path)}"
         a = np.asarray(wrapper.lora_a[...], np.float32)
         b = np.asarray(wrapper.lora_b[...], np.float32) * np.float32(wrapper.scaling)
         arrays[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.T)
         arrays[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.T)
     if not arrays:
-        raise ValueError("export_diffusers: the U-Net has no LoRA layers (apply_peft with peft.method='lora' first)")
+        raise UserError("export_diffusers: the U-Net has no LoRA layers (apply_peft with peft.method='lora' first)")
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})

@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 from peft_jax.adapters.core import iter_wrapped, method_names, path_str
 from peft_jax.adapters.ia3 import ChannelScale
 from peft_jax.adapters.lora import DoRALinear, LoRALinear
+from peft_jax.errors import UserError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -48,7 +49,7 @@ def target_regex(hf_targets: list[str]) -> str:
     ours = {hf.split(".")[-1]: "/".join(p) for p, hf in HF_NAMES.items()}
     unknown = sorted(set(hf_targets) - set(ours))
     if unknown:
-        raise ValueError(f"target_modules {unknown} name no ViT linear layer peft_jax adapts (supported: "
+        raise UserError(f"target_modules {unknown} name no ViT linear layer peft_jax adapts (supported: "
                          f"{sorted(ours)})")
     return "(" + "|".join(ours[t] for t in sorted(set(hf_targets))) + ")$"
 
@@ -61,7 +62,7 @@ def hf_module_names(path: tuple, depth: int) -> tuple[list[str], str]:
     logical = tuple(p for p in path if p != "base")
     name = HF_NAMES.get(logical[-2:])
     if logical[0] != "blocks" or name is None:
-        raise ValueError(f"export_hf: no transformers ViT name for the adapter layer at {path_str(path)}")
+        raise UserError(f"export_hf: no transformers ViT name for the adapter layer at {path_str(path)}")
     layers = [logical[1]] if isinstance(logical[1], int) else list(range(depth))
     return [f"base_model.model.vit.layers.{i}.{name}" for i in layers], name.split(".")[-1]
 
@@ -85,7 +86,7 @@ def from_torch_layout(attribute: str, value: np.ndarray) -> np.ndarray:
 def single_method(peft_config: ml_collections.ConfigDict) -> str:
     names = method_names(peft_config)
     if len(names) != 1 or names[0] not in WRAPPERS:
-        raise ValueError(f"Hugging Face peft adapters are {sorted(WRAPPERS)} (one at a time); peft.method is "
+        raise UserError(f"Hugging Face peft adapters are {sorted(WRAPPERS)} (one at a time); peft.method is "
                          f"{peft_config.method!r}")
     return names[0]
 
@@ -120,7 +121,7 @@ def export_hf(model: nnx.Module, peft_config: ml_collections.ConfigDict, directo
         ranks.add(getattr(wrapper, "rank", None))
         scalings.add(getattr(wrapper, "scaling", None))
     if not arrays:
-        raise ValueError(f"export_hf: the model has no {method} layers (apply_peft with peft.method={method!r} first)")
+        raise UserError(f"export_hf: the model has no {method} layers (apply_peft with peft.method={method!r} first)")
     arrays[HEAD_KEYS["kernel"]] = np.ascontiguousarray(np.asarray(model.head.kernel[...], np.float32).T)
     arrays[HEAD_KEYS["bias"]] = np.asarray(model.head.bias[...], np.float32)
     directory = pathlib.Path(directory)

@@ -36,6 +36,7 @@ from peft_jax.adapters.core import (
     AdapterParam, Method, SharedAdapterParam, adapter_dropout, adapter_variables, iter_wrapped, leading_shape,
     modules_matching, register, replace_module,
 )
+from peft_jax.errors import UserError
 
 TARGETS = r"(attn/(query|key|value|out)|mlp/(fc1|fc2))$"
 TK_MLP_FORMS = ("official", "paper")
@@ -125,10 +126,10 @@ def _surgery(tucker: bool):
     def surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
         rank = int(cfg.rank)
         if rank < 1:
-            raise ValueError(f"peft.rank must be a positive integer, got {cfg.rank}")
+            raise UserError(f"peft.rank must be a positive integer, got {cfg.rank}")
         targets = modules_matching(model, (nnx.Linear,), TARGETS)
         if not targets:
-            raise ValueError(f"{name}: no attention or MLP linear layers found")
+            raise UserError(f"{name}: no attention or MLP linear layers found")
         width = model.config.hidden_size
         num_cores = sum(m.kernel[...].size // width**2 for _, m in targets)  # all layers, stacked or not
         rate = float(cfg.dropout) if cfg.get("dropout") is not None else 0.1
@@ -137,7 +138,7 @@ def _surgery(tucker: bool):
         scale = float(cfg.scale) if cfg.get("scale") is not None else 1.0
         mlp_form = str(cfg.get("fact_tk_mlp") or "official")
         if tucker and mlp_form not in TK_MLP_FORMS:
-            raise ValueError(f"peft.fact_tk_mlp must be one of {TK_MLP_FORMS}, got {mlp_form!r}")
+            raise UserError(f"peft.fact_tk_mlp must be one of {TK_MLP_FORMS}, got {mlp_form!r}")
         official = tucker and mlp_form == "official"
         for path, m in sorted(targets, key=lambda t: -len(t[0])):
             replace_module(model, path, FacTLinear(m, shared, scale, rngs=rngs, official_mlp=official))

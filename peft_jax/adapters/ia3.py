@@ -11,6 +11,7 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import AdapterParam, Method, adapter_variables, iter_wrapped, leading_shape, register, replace_module, wrap_modules
+from peft_jax.errors import UserError
 
 
 class ChannelScale(nnx.Module):
@@ -33,7 +34,7 @@ def merge_channel_scales(model: nnx.Module) -> None:
     for path, wrapper in iter_wrapped(model, ChannelScale):
         base, s = wrapper.base, wrapper.scale[...]
         if not isinstance(base, nnx.Linear):
-            raise ValueError(f"cannot merge the scale at {path}: it wraps a {type(base).__name__}, not a linear layer")
+            raise UserError(f"cannot merge the scale at {path}: it wraps a {type(base).__name__}, not a linear layer")
         kernel = base.kernel[...]
         if wrapper.side == "out":
             base.kernel[...] = (kernel * s[..., None, :]).astype(kernel.dtype)

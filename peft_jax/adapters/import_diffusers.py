@@ -22,12 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
 
 from peft_jax.adapters.core import apply_peft, iter_wrapped, path_str
 from peft_jax.adapters.export_diffusers import WEIGHTS_FILE
 from peft_jax.adapters.lora import LoRALinear
 from peft_jax.checkpoints.diffusers import checkpoint_module_name
+from peft_jax.errors import UserError
+from peft_jax.files import read_safetensors
 
 KOHYA_PREFIX = "lora_unet_"
 _PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
@@ -41,7 +42,7 @@ def lora_file(path: str | pathlib.Path) -> pathlib.Path:
     if path.is_dir():
         path = path / WEIGHTS_FILE
     if path.suffix != ".safetensors" or not path.is_file():
-        raise ValueError(f"{path}: expected a diffusers LoRA folder (with {WEIGHTS_FILE}) or a .safetensors file")
+        raise UserError(f"{path}: expected a diffusers LoRA folder (with {WEIGHTS_FILE}) or a .safetensors file")
     return path
 
 
@@ -53,7 +54,7 @@ def is_diffusers_lora(path: str | pathlib.Path) -> bool:
 
 def _module_and_part(key: str, kohya_names: dict[str, str], where: pathlib.Path) -> tuple[str, str]:
     if key.startswith(_TEXT_ENCODER):
-        raise ValueError(f"{where}: {key} is a text-encoder LoRA; peft_jax puts LoRA on the U-Net only")
+        raise UserError(f"{where}: {key} is a text-encoder LoRA; peft_jax puts LoRA on the U-Net only")
     if key.startswith(KOHYA_PREFIX):
         stem, _, suffix = key.partition(".")
         module = kohya_names.get(stem)
@@ -61,7 +62,7 @@ def _module_and_part(key: str, kohya_names: dict[str, str], where: pathlib.Path)
         stem, suffix = next(((key[: -len(s) - 1], s) for s in _PARTS if key.endswith("." + s)), (key, ""))
         module = stem.removeprefix("unet.")
     if suffix not in _PARTS or module is None:
-        raise ValueError(f"{where}: {key} names no linear layer of this U-Net (expected unet.<module>.lora_A.weight, "
+        raise UserError(f"{where}: {key} names no linear layer of this U-Net (expected unet.<module>.lora_A.weight, "
                          f"...lora.down.weight or lora_unet_<module>.lora_down.weight)")
     return module, _PARTS[suffix]
 
@@ -72,21 +73,21 @@ def read_lora(path: str | pathlib.Path, unet: nnx.Module) -> dict[tuple, tuple[n
     linears = {checkpoint_module_name(p): p for p, m in nnx.iter_modules(unet) if isinstance(m, nnx.Linear)}
     kohya_names = {KOHYA_PREFIX + name.replace(".", "_"): name for name in linears}
     groups: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in load_file(str(where)).items():
+    for key, value in read_safetensors(where, "download or copy the LoRA file again").items():
         module, part = _module_and_part(key, kohya_names, where)
         groups.setdefault(module, {})[part] = np.asarray(value, np.float32)
     factors = {}
     for module, g in sorted(groups.items()):
         if module not in linears:
-            raise ValueError(f"{where}: {module} is not a linear layer of this U-Net")
+            raise UserError(f"{where}: {module} is not a linear layer of this U-Net")
         if "down" not in g or "up" not in g or g["down"].ndim != 2:
             found = {k: v.shape for k, v in g.items()}
-            raise ValueError(f"{where}: {module} needs a 2-D down (A) and up (B) matrix; found {found}")
+            raise UserError(f"{where}: {module} needs a 2-D down (A) and up (B) matrix; found {found}")
         rank = g["down"].shape[0]
         scale = float(g["alpha"]) / rank if "alpha" in g else 1.0
         factors[linears[module]] = (g["down"].T, g["up"].T * np.float32(scale))
     if not factors:
-        raise ValueError(f"{where}: no U-Net LoRA weights in the file")
+        raise UserError(f"{where}: no U-Net LoRA weights in the file")
     return factors
 
 
@@ -95,7 +96,7 @@ def apply_diffusers_lora(unet: nnx.Module, path: str | pathlib.Path) -> ml_colle
     factors = read_lora(path, unet)
     ranks = sorted({a.shape[1] for a, _ in factors.values()})
     if len(ranks) != 1:
-        raise ValueError(f"{path}: the LoRA has several ranks {ranks}; peft_jax's LoRA uses one rank")
+        raise UserError(f"{path}: the LoRA has several ranks {ranks}; peft_jax's LoRA uses one rank")
     targets = "^(" + "|".join(re.escape(path_str(p)) for p in sorted(factors, key=path_str)) + ")$"
     cfg = ml_collections.ConfigDict(dict(method="lora", rank=ranks[0], alpha=float(ranks[0]), targets=targets))
     apply_peft(unet, cfg, rngs=nnx.Rngs(0))

@@ -10,7 +10,6 @@ exported again loads back into PyTorch peft with the same logits.
 """
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 
@@ -18,7 +17,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
 
 from peft_jax.adapters.core import iter_wrapped
 from peft_jax.adapters.export_hf import (
@@ -26,6 +24,8 @@ from peft_jax.adapters.export_hf import (
     target_regex,
 )
 from peft_jax.config import base_config
+from peft_jax.errors import UserError
+from peft_jax.files import read_json, read_safetensors
 
 # adapter_config.json options peft_jax does not implement, with the value that means "off".
 _OFF = {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layer_replication": None,
@@ -38,25 +38,26 @@ def read_hf_adapter(directory: str | pathlib.Path) -> tuple[dict, dict[str, np.n
     directory = pathlib.Path(directory)
     missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (directory / name).is_file()]
     if missing:
-        raise ValueError(f"{directory}: not a Hugging Face peft adapter folder (no {' or '.join(missing)})")
-    return json.loads((directory / ADAPTER_CONFIG).read_text()), load_file(str(directory / ADAPTER_WEIGHTS))
+        raise UserError(f"{directory}: not a Hugging Face peft adapter folder (no {' or '.join(missing)})")
+    fix = "download or copy the adapter folder again"
+    return read_json(directory / ADAPTER_CONFIG, fix), read_safetensors(directory / ADAPTER_WEIGHTS, fix)
 
 
 def peft_settings(config: dict, where: str) -> dict:
     """The peft_jax ``peft.*`` fields that reproduce an adapter_config.json."""
     kind = config.get("peft_type")
     if kind not in ("LORA", "IA3"):
-        raise ValueError(f"{where}: peft_type {kind!r} is not supported (supported: LORA, LORA with use_dora, IA3)")
+        raise UserError(f"{where}: peft_type {kind!r} is not supported (supported: LORA, LORA with use_dora, IA3)")
     odd = sorted(f"{k}={config[k]!r}" for k, off in _OFF.items() if config.get(k) and config[k] != off)
     if odd:
-        raise ValueError(f"{where}: adapter options peft_jax does not implement: {', '.join(odd)}")
+        raise UserError(f"{where}: adapter options peft_jax does not implement: {', '.join(odd)}")
     targets = config.get("target_modules")
     if not isinstance(targets, list):
-        raise ValueError(f"{where}: target_modules={targets!r}: peft_jax reads a list of module names "
+        raise UserError(f"{where}: target_modules={targets!r}: peft_jax reads a list of module names "
                          "(e.g. [\"q_proj\", \"v_proj\"]), not a regex")
     if kind == "IA3":
         if set(targets) != _IA3_TARGETS or set(config.get("feedforward_modules") or []) != _IA3_FEEDFORWARD:
-            raise ValueError(f"{where}: peft_jax's ia3 scales k_proj, v_proj and fc2's input (the (IA)^3 paper's "
+            raise UserError(f"{where}: peft_jax's ia3 scales k_proj, v_proj and fc2's input (the (IA)^3 paper's "
                              f"placement); this adapter has target_modules={sorted(targets)}, "
                              f"feedforward_modules={config.get('feedforward_modules')}")
         return {"method": "ia3"}
@@ -79,7 +80,7 @@ def _check_settings(peft_config: ml_collections.ConfigDict, settings: dict, wher
         math.isclose(float(peft_config[k]), settings[k]) if k == "alpha" else peft_config[k] == settings[k])]
     if differ:
         flags = " ".join(f"--config.peft.{k}={v}" for k, v in settings.items())
-        raise ValueError(f"{where}: the adapter is {', '.join(f'{k}={settings[k]!r}' for k in differ)}, the run "
+        raise UserError(f"{where}: the adapter is {', '.join(f'{k}={settings[k]!r}' for k in differ)}, the run "
                          f"has {', '.join(f'peft.{k}={peft_config[k]!r}' for k in differ)}; set {flags}")
 
 
@@ -127,7 +128,7 @@ def load_hf_adapter(model: nnx.Module, directory: str | pathlib.Path, peft_confi
     unexpected = sorted(set(arrays) - used)
     if missing or unexpected or mis_shaped:
         hint = f"; peft.targets={settings['targets']!r} fits its target_modules" if "targets" in settings else ""
-        raise ValueError(f"{where} does not fit the model: missing {sorted(missing)[:6]}, unexpected "
+        raise UserError(f"{where} does not fit the model: missing {sorted(missing)[:6]}, unexpected "
                          f"{unexpected[:6]}, mis-shaped {mis_shaped[:6]}{hint}")
 
 
@@ -138,6 +139,6 @@ def start_from_hf_adapter(model: nnx.Module, cfg: ml_collections.ConfigDict) -> 
         return
     if not cfg.init.checkpoint:
         base = read_hf_adapter(directory)[0].get("base_model_name_or_path")
-        raise ValueError(f"init.adapter={directory} needs init.checkpoint: the transformers ViT the adapter was "
+        raise UserError(f"init.adapter={directory} needs init.checkpoint: the transformers ViT the adapter was "
                          f"trained on" + (f" (its adapter_config.json names {base!r})" if base else ""))
     load_hf_adapter(model, directory, cfg.peft)

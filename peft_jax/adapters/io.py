@@ -14,11 +14,11 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from peft_jax.adapters.core import Filter, path_str
-from peft_jax.files import read_json
+from peft_jax.errors import UserError
+from peft_jax.files import read_json, read_safetensors
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -50,12 +50,12 @@ def fitting_arrays(model: nnx.Module, filt, arrays: dict[str, np.ndarray], where
     wrong = [f"{k}: file {arrays[k].shape} vs model {expected[k].shape}" for k in expected
              if k in arrays and k not in kept and arrays[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{where} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+        raise UserError(f"{where} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"shape mismatches {wrong[:5]}")
     dtypes = [f"{k}: file {arrays[k].dtype} vs model {expected[k].dtype}" for k in expected
               if k not in kept and arrays[k].dtype != expected[k].dtype]
     if dtypes:
-        raise ValueError(f"{where} holds arrays of another dtype: {', '.join(dtypes[:5])}; "
+        raise UserError(f"{where} holds arrays of another dtype: {', '.join(dtypes[:5])}; "
                          "save the adapter again from the model it was trained as")
     return {k: arrays[k] for k in expected if k not in kept}
 
@@ -112,7 +112,7 @@ def read_adapter_config(directory: str | pathlib.Path) -> dict:
 
 def _require(path: pathlib.Path, meta: dict, key: str) -> None:
     if not isinstance(meta, dict) or key not in meta:
-        raise ValueError(f"{path} lacks {key!r}: it was not written by save_adapter (or was edited); save the "
+        raise UserError(f"{path} lacks {key!r}: it was not written by save_adapter (or was edited); save the "
                          "adapter again")
 
 
@@ -124,11 +124,11 @@ def _check_method(directory: pathlib.Path, stored: dict, model: nnx.Module,
     elif getattr(model, "peft_applied", None) is not None:
         built = json.loads(model.peft_applied)
     else:
-        raise ValueError(f"adapter {directory}: the model has no PEFT surgery recorded; apply_peft(model, peft) "
+        raise UserError(f"adapter {directory}: the model has no PEFT surgery recorded; apply_peft(model, peft) "
                          "first or pass peft_config")
     differ = {k: (stored.get(k), built.get(k)) for k in sorted(set(stored) | set(built)) if stored.get(k) != built.get(k)}
     if differ:
-        raise ValueError(f"adapter {directory} was trained with another PEFT config: "
+        raise UserError(f"adapter {directory} was trained with another PEFT config: "
                          + ", ".join(f"peft.{k}: adapter {a!r} vs {b!r}" for k, (a, b) in differ.items()))
 
 
@@ -144,14 +144,10 @@ def load_adapter(model: nnx.Module, directory: str | pathlib.Path, trainable: Fi
     meta = read_adapter_config(directory)
     _require(directory / CONFIG_FILE, meta, "base_hash")
     if base_hash is not None and meta["base_hash"] != base_hash:
-        raise ValueError(
+        raise UserError(
             f"adapter {directory} was trained on different base weights (hash {str(meta['base_hash'])[:12]}..., "
             f"this backbone has {base_hash[:12]}...); load it onto the backbone it was trained on")
     _check_method(directory, meta["peft"], model, peft_config)
-    try:
-        arrays = load_file(str(directory / ADAPTER_FILE))
-    except (SafetensorError, OSError) as e:  # a truncated copy, another format under this name
-        raise ValueError(f"{directory / ADAPTER_FILE} is not a readable safetensors file ({e}); save or copy the "
-                         "adapter again") from None
+    arrays = read_safetensors(directory / ADAPTER_FILE, "save or copy the adapter again")
     put_arrays(model, arrays, (("params/", trainable), ("state/", nnx.BatchStat)), f"adapter {directory}")
     return meta

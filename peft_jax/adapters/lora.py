@@ -9,6 +9,7 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import AdapterParam, Method, adapter_variables, iter_wrapped, leading_shape, register, replace_module, wrap_modules
+from peft_jax.errors import UserError
 
 # Presets for ``peft.targets``; anything else is used as a regex on module paths.
 TARGET_PRESETS = {
@@ -78,7 +79,7 @@ class DoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if not isinstance(self.base, nnx.Linear):
-            raise ValueError(f"dora normalises the kernel of the layer it wraps, but another method wrapped that layer "
+            raise UserError(f"dora normalises the kernel of the layer it wraps, but another method wrapped that layer "
                              f"inside it ({type(self.base).__name__}); list dora last in peft.method (e.g. 'ia3+dora')")
         dtype = x.dtype
         bias = self.base.bias[...].astype(dtype) if self.base.bias is not None else 0.0
@@ -89,7 +90,7 @@ class DoRALinear(nnx.Module):
 def _rank_alpha(cfg: ml_collections.ConfigDict) -> tuple[int, float]:
     rank = int(cfg.rank)
     if rank < 1:
-        raise ValueError(f"peft.rank must be a positive integer, got {cfg.rank}")
+        raise UserError(f"peft.rank must be a positive integer, got {cfg.rank}")
     return rank, float(cfg.alpha if cfg.get("alpha") is not None else rank)
 
 

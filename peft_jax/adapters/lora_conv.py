@@ -26,6 +26,7 @@ from flax import nnx
 
 from peft_jax.adapters.cnn import Geometry, dense_convs
 from peft_jax.adapters.core import Method, Path, adapter_variables, iter_wrapped, register, replace_module, wrap_modules
+from peft_jax.errors import UserError
 
 PRESETS = ("blocks", "all")  # the dense convolutions of the residual blocks / of the whole backbone
 DEFAULT_TARGETS = "blocks"
@@ -65,7 +66,7 @@ class LoRAConv(nnx.Module):
 def lora_conv_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
     rank = int(cfg.rank)
     if rank < 1:
-        raise ValueError(f"peft.rank must be a positive integer, got {cfg.rank}")
+        raise UserError(f"peft.rank must be a positive integer, got {cfg.rank}")
     alpha = float(cfg.alpha if cfg.get("alpha") is not None else rank)
 
     def wrap(path: Path, conv: nnx.Conv) -> LoRAConv:

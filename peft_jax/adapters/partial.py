@@ -18,6 +18,7 @@ from flax import nnx
 
 from peft_jax.adapters.cnn import cnn_layout, outermost, residual_blocks
 from peft_jax.adapters.core import Method, Path, modules_matching, register
+from peft_jax.errors import UserError
 
 MARK = "peft_tune"
 
@@ -27,7 +28,7 @@ def partial_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx
     blocks = [block for _, block in residual_blocks(model)]
     n = int(cfg.get("num_blocks", 1))
     if not 0 <= n <= len(blocks):
-        raise ValueError(f"peft.num_blocks must be between 0 and the model's {len(blocks)} residual blocks, got {n}")
+        raise UserError(f"peft.num_blocks must be between 0 and the model's {len(blocks)} residual blocks, got {n}")
     top = cnn_layout(model).top
     above = [m for _, m in outermost(modules_matching(model, (nnx.Module,), top))] if top and n else []
     for block in blocks[len(blocks) - n:] + above:

@@ -19,6 +19,7 @@ from peft_jax.adapters.core import (
     AdapterParam, Method, adapter_dropout, adapter_variables, get_module, iter_wrapped, leading_shape, path_str,
     register, replace_module, wrap_modules,
 )
+from peft_jax.errors import UserError
 
 
 class RepAdapterNorm(nnx.Module):
@@ -29,7 +30,7 @@ class RepAdapterNorm(nnx.Module):
         gamma = base.scale[...]
         lead, dim = leading_shape(gamma, 1), gamma.shape[-1]
         if rank % groups or dim % groups:
-            raise ValueError(f"repadapter: peft.rank={rank} and the width {dim} must be multiples of peft.groups={groups}")
+            raise UserError(f"repadapter: peft.rank={rank} and the width {dim} must be multiples of peft.groups={groups}")
         bound = math.sqrt(6.0 / (dim + rank))  # Xavier-uniform of a (rank, dim, 1) Conv1d kernel
         self.base = base
         self.scale = scale
@@ -57,7 +58,7 @@ class RepAdapterNorm(nnx.Module):
 def repadapter_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
     rank, groups = int(cfg.rank), int(cfg.groups)
     if rank < 1 or groups < 1:
-        raise ValueError(f"repadapter: peft.rank and peft.groups must be positive, got {rank} and {groups}")
+        raise UserError(f"repadapter: peft.rank and peft.groups must be positive, got {rank} and {groups}")
     scale = float(cfg.scale) if cfg.get("scale") is not None else 1.0
     rate = float(cfg.dropout) if cfg.get("dropout") is not None else 0.1
 
@@ -79,7 +80,7 @@ def repadapter_merge(model: nnx.Module) -> None:
         consumers = _consumers(model, path)
         bad = [type(m).__name__ for m in consumers if not isinstance(m, nnx.Linear)]
         if bad:
-            raise ValueError(f"repadapter at {path_str(path)}: cannot merge into {bad} (another method wraps the "
+            raise UserError(f"repadapter at {path_str(path)}: cannot merge into {bad} (another method wraps the "
                              "layers that read it); list repadapter first in peft.method (e.g. 'repadapter+lora') so it merges last")
         s, a, down_bias = wrapper.scale, wrapper.down_kernel[...], wrapper.down_bias[...]
         up = wrapper.dense_up()

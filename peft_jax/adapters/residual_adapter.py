@@ -26,6 +26,7 @@ from peft_jax.adapters.cnn import ParallelConv, cnn_layout, is_depthwise, merge_
 from peft_jax.adapters.core import (
     METHODS, Method, adapter_variables, any_of, modules_matching, register, replace_module,
 )
+from peft_jax.errors import UserError
 
 _he_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -38,7 +39,7 @@ def residual_adapter_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, 
     del cfg
     targets = spatial_block_convs(model)
     if not targets:
-        raise ValueError("residual_adapter: the model has no k x k convolution in its residual blocks")
+        raise UserError("residual_adapter: the model has no k x k convolution in its residual blocks")
     targets += modules_matching(model, (nnx.Conv,), cnn_layout(model).stem)
     for path, conv in targets:
         # A (1, 1, in, out) kernel's fan-out is out, as for the reference's 1x1 convolutions; a depth-wise

@@ -33,6 +33,7 @@ from peft_jax.adapters.cnn import (
     ParallelConv, fold_into_head, is_depthwise, merge_parallel, spatial_block_convs, wrap_pool,
 )
 from peft_jax.adapters.core import AdapterParam, Method, adapter_variables, iter_wrapped, register, replace_module
+from peft_jax.errors import UserError
 
 INIT_SCALE = 1e-4  # the reference's scale of the identity initialisation (residual adapters)
 FORMS = ("matrix", "channel")
@@ -58,10 +59,10 @@ def tsa_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rng
     del rngs  # deterministic initialisation
     form = cfg.get("tsa_form") or "matrix"
     if form not in FORMS:
-        raise ValueError(f"peft.tsa_form must be one of {FORMS}, got {form!r}")
+        raise UserError(f"peft.tsa_form must be one of {FORMS}, got {form!r}")
     targets = spatial_block_convs(model)
     if not targets:
-        raise ValueError("tsa: the model has no k x k convolution in its residual blocks")
+        raise UserError("tsa: the model has no k x k convolution in its residual blocks")
     for path, conv in targets:
         cin, cout = conv.in_features, conv.out_features
         if form == "channel" and cin == cout or is_depthwise(conv):

@@ -24,6 +24,7 @@ from flax import nnx
 from peft_jax.adapters.core import (
     AdapterParam, Method, adapter_dropout, adapter_variables, leading_shape, register, wrap_modules,
 )
+from peft_jax.errors import UserError
 from peft_jax.models.vit import Block
 
 
@@ -74,7 +75,7 @@ class ShallowPrompts(nnx.Module):
 def _num_tokens(cfg: ml_collections.ConfigDict) -> int:
     n = int(cfg.num_tokens)
     if n < 1:
-        raise ValueError(f"peft.num_tokens must be a positive integer, got {cfg.num_tokens}")
+        raise UserError(f"peft.num_tokens must be a positive integer, got {cfg.num_tokens}")
     return n
 
 
@@ -93,7 +94,7 @@ def vpt_deep_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nn
 def vpt_shallow_surgery(model: nnx.Module, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> None:
     n = _num_tokens(cfg)
     if getattr(model, "extra_tokens", False) is not None:
-        raise ValueError("vpt_shallow needs a ViT with a free extra_tokens slot (listed once in peft.method)")
+        raise UserError("vpt_shallow needs a ViT with a free extra_tokens slot (listed once in peft.method)")
     dropout = adapter_dropout(model, float(cfg.prompt_dropout), rngs, what="vpt_shallow (peft.prompt_dropout)",
                               inside_blocks=False)
     model.extra_tokens = ShallowPrompts(_prompts(model, (), n, rngs), dropout)

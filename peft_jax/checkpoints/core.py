@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peft_jax.errors import UserError
 from peft_jax.paths import path_str
 
 log = logging.getLogger("peft_jax.checkpoints")
@@ -25,7 +26,7 @@ Converted = dict  # Path -> (source key, np.ndarray)
 _SHOWN = 25  # names listed per kind of problem before "... and N more"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the requested architecture."""
 
 

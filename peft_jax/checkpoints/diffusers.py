@@ -9,7 +9,6 @@ diffusers' ``.bin`` files are pickles. Keys map one to one onto the NNX module t
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
@@ -18,6 +17,8 @@ from flax import nnx
 
 from peft_jax.checkpoints.core import CheckpointError, KeyMapper, build, check_fit, expected_shapes, torch_conv, torch_linear
 from peft_jax.checkpoints.formats import _read_safetensors
+from peft_jax.errors import UserError
+from peft_jax.files import read_json
 from peft_jax.models.diffusion.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from peft_jax.models.diffusion.schedulers import SchedulerConfig
 from peft_jax.models.diffusion.unet import UNet2DConditionModel, UNetConfig
@@ -42,6 +43,7 @@ _UNET_NEUTRAL = {
     "resnet_skip_time_act": False, "cross_attention_norm": None, "class_embeddings_concat": False,
     "reverse_transformer_layers_per_block": None, "mid_block_only_cross_attention": None, "dropout": 0.0,
 }
+FIX = "download or copy the pipeline folder again"  # a pipeline file that does not parse
 _VAE_NEUTRAL = {"act_fn": "silu", "latents_mean": None, "latents_std": None}
 
 
@@ -49,7 +51,7 @@ def _fields(cls: type, config: dict[str, Any], overrides: dict[str, Any]) -> dic
     names = {f.name for f in dataclasses.fields(cls)}
     bad = sorted(set(overrides) - names)
     if bad:
-        raise ValueError(f"unknown {cls.__name__} option(s) {bad}; valid: {sorted(names)}")
+        raise UserError(f"unknown {cls.__name__} option(s) {bad}; valid: {sorted(names)}")
     out = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
     return {**out, **{k: v for k, v in overrides.items() if v is not None}}
 
@@ -87,6 +89,9 @@ def component_dir(path: str | pathlib.Path, arch: str) -> pathlib.Path:
     """The folder holding ``arch``'s config and weights: ``path`` itself or its pipeline subfolder."""
     path = pathlib.Path(path).expanduser()
     sub = ARCHS[arch][0]
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such folder; give a diffusers Stable Diffusion pipeline folder (or a "
+                              "component's folder with its config.json)")
     for candidate in (path, path / sub):
         if (candidate / "config.json").is_file():
             return candidate
@@ -101,7 +106,7 @@ def read_weights(folder: pathlib.Path, stem: str) -> dict[str, np.ndarray]:
     for name in (f"{stem}.safetensors.index.json", f"{stem}.safetensors.index.fp16.json"):
         if (folder / name).is_file():
             arrays = {}
-            for shard in sorted(set(json.loads((folder / name).read_text())["weight_map"].values())):
+            for shard in sorted(set(read_json(folder / name, FIX)["weight_map"].values())):
                 arrays.update(_read_safetensors(folder / shard))
             return arrays
     pickles = sorted(p.name for p in folder.glob("*.bin"))
@@ -175,9 +180,9 @@ def from_pretrained(arch: str, path: str | pathlib.Path, *, rngs: nnx.Rngs | Non
     The model is returned in eval mode.
     """
     if arch not in ARCHS:
-        raise ValueError(f"unknown diffusion arch {arch!r}; valid: {sorted(ARCHS)}")
+        raise UserError(f"unknown diffusion arch {arch!r}; valid: {sorted(ARCHS)}")
     folder = component_dir(path, arch)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json", FIX)
     where = str(folder)
     make = {"unet2d_condition": unet_config, "autoencoder_kl": vae_config, "clip_text": clip_config}[arch]
     cfg = make(where, config, **overrides)
@@ -203,7 +208,7 @@ def load_scheduler_config(path: str | pathlib.Path) -> SchedulerConfig:
     path = pathlib.Path(path).expanduser()
     for f in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
         if f.is_file():
-            return SchedulerConfig.from_diffusers(json.loads(f.read_text()))
+            return SchedulerConfig.from_diffusers(read_json(f, FIX))
     raise CheckpointError(f"{path}: no scheduler/scheduler_config.json")
 
 

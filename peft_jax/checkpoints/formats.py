@@ -8,7 +8,6 @@ unpickled freely, because a checkpoint downloaded from the internet is untrusted
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 
 from peft_jax.checkpoints.core import CheckpointError
 from peft_jax.checkpoints.torch_legacy import is_legacy_torch_file, read_legacy_torch
+from peft_jax.files import read_json
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -40,6 +40,15 @@ LAYOUTS = {
 
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+
+    try:
+        return _safetensors_arrays(path)
+    except (SafetensorError, OSError) as e:  # a truncated copy, another format under this name
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); download or copy it again") from None
+
+
+def _safetensors_arrays(path: pathlib.Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     arrays, bfloat16 = {}, []
@@ -95,7 +104,7 @@ def _read_hf_dir(path: pathlib.Path) -> dict[str, np.ndarray]:
     if (path / "model.safetensors").is_file():
         return _read_safetensors(path / "model.safetensors")
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index, "download the checkpoint again")["weight_map"].values()))
         arrays = {}
         for shard in shards:
             arrays.update(_read_safetensors(path / shard))
@@ -134,7 +143,7 @@ def read_checkpoint(path: str | pathlib.Path) -> Checkpoint:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: a checkpoint directory must be a Hugging Face one with config.json")
-        hf_config = json.loads((path / "config.json").read_text())
+        hf_config = read_json(path / "config.json", "download the checkpoint again")
         arrays = _read_hf_dir(path)
     elif not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file or directory")

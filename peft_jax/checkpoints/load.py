@@ -16,6 +16,7 @@ from peft_jax.checkpoints.core import CheckpointError, KeyMapper, build, check_f
 from peft_jax.checkpoints.formats import LAYOUTS, Checkpoint, read_checkpoint
 from peft_jax.checkpoints.hub import repo_overrides
 from peft_jax.checkpoints.registry import resolve_checkpoint
+from peft_jax.errors import UserError
 from peft_jax.models.registry import (
     DIFFUSION_ARCHS, EFFICIENTNET_NAMES, FEATURE_ARCHS, MODEL_NAMES, RESNET_NAMES, efficientnet_config,
     unknown_name_error, vit_config,
@@ -40,7 +41,7 @@ def _where(ckpt: Checkpoint) -> str:
 def _load_resnet(arch: str, ckpt: Checkpoint, *, num_classes: int | None, rngs: nnx.Rngs, overrides: dict):
     extra = sorted(k for k, v in overrides.items() if v is not None)
     if extra:
-        raise ValueError(f"ResNet takes no model options, got {extra}")
+        raise UserError(f"ResNet takes no model options, got {extra}")
     depth = int(arch.removeprefix("resnet"))
     where = _where(ckpt)
     if ckpt.hf_config:

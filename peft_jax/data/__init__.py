@@ -13,6 +13,7 @@ import ml_collections
 from peft_jax.data import medmnist, tfds_loader
 from peft_jax.data.pipeline import eval_batches, train_batches
 from peft_jax.data.splits import DatasetSplits, Split, class_counts, stratified_subsample
+from peft_jax.errors import UserError
 from peft_jax.names import DATASET_NAMES, check_dataset
 
 __all__ = ["DatasetSplits", "Split", "class_counts", "dataset_names", "eval_batches", "load_dataset",
@@ -32,7 +33,7 @@ def load_dataset(cfg: ml_collections.ConfigDict, *, seed: int) -> DatasetSplits:
     """
     fraction = float(cfg.get("fraction", 1.0))
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"dataset.fraction must be in (0, 1], got {fraction!r}.")
+        raise UserError(f"dataset.fraction must be in (0, 1], got {fraction!r}.")
     name = cfg.get("name")
     check_dataset(name)
     if name in medmnist.NAMES:

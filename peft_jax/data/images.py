@@ -8,6 +8,8 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from peft_jax.errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what image folders (t2i training, FID) are searched for
 
 
@@ -20,11 +22,11 @@ def require_8bit(image: Image.Image | np.ndarray, source: object) -> None:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             scaled = " (float images in [0, 1]: multiply by 255 and round)" if image.dtype.kind == "f" else ""
-            raise ValueError(f"{source}: pixels of dtype {image.dtype}, not uint8; store the images as uint8 "
+            raise UserError(f"{source}: pixels of dtype {image.dtype}, not uint8; store the images as uint8 "
                              f"(0-255){scaled}")
         return
     if image.mode in ("I", "F") or image.mode.startswith("I;"):
-        raise ValueError(f"{source}: pixels of mode {image.mode} (more than 8 bits); convert the images to 8 bits "
+        raise UserError(f"{source}: pixels of mode {image.mode} (more than 8 bits); convert the images to 8 bits "
                          "first, with the intensity window you would display them with")
 
 
@@ -42,7 +44,7 @@ def read_rgb(source: str | pathlib.Path | io.BytesIO, size: int | None = None,
                 rgb = rgb.resize((size, size), resample)
             return np.asarray(rgb)
     except OSError as e:  # PIL's UnidentifiedImageError included
-        raise ValueError(f"{source}: not a readable image ({e})") from e
+        raise UserError(f"{source}: not a readable image ({e})") from e
 
 
 def signed_unit(rgb: np.ndarray) -> np.ndarray:

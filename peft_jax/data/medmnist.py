@@ -23,6 +23,7 @@ import numpy as np
 from peft_jax import cache
 from peft_jax.data.images import require_8bit
 from peft_jax.data.splits import DatasetSplits, Split
+from peft_jax.errors import UserError
 
 URL = "https://zenodo.org/records/10519652/files/{filename}?download=1"
 SIZES = (28, 64, 128, 224)
@@ -145,9 +146,9 @@ def load(cfg: ml_collections.ConfigDict) -> DatasetSplits:
     name = cfg.name
     size = int(cfg.get("size", 28) or 28)
     if size not in SIZES:
-        raise ValueError(f"dataset.size must be one of {SIZES} for MedMNIST, got {size!r}.")
+        raise UserError(f"dataset.size must be one of {SIZES} for MedMNIST, got {size!r}.")
     if INFO[name].get("multi_label"):
-        raise ValueError(
+        raise UserError(
             f"{name} is multi-label (14 findings per image, any number of them present); peft_jax trains "
             f"single-label classifiers. Choose another MedMNIST dataset, e.g. pneumoniamnist.")
     path = find_or_download(name, size, data_dir=cfg.get("data_dir"), download=bool(cfg.get("download", True)))
@@ -156,7 +157,7 @@ def load(cfg: ml_collections.ConfigDict) -> DatasetSplits:
         missing = [f"{s}_{kind}" for s in ("train", "val", "test") for kind in ("images", "labels")
                    if f"{s}_{kind}" not in npz.files]
         if missing:
-            raise ValueError(f"{path} is not a MedMNIST file: it lacks the arrays {missing}. {refetch}")
+            raise UserError(f"{path} is not a MedMNIST file: it lacks the arrays {missing}. {refetch}")
         splits = {s: _split(_array(npz, f"{s}_images", path, refetch), _array(npz, f"{s}_labels", path, refetch),
                             f"{path} {s}") for s in ("train", "val", "test")}
     return DatasetSplits(name=name, class_names=list(INFO[name]["classes"]), train=splits["train"],
@@ -168,9 +169,9 @@ def _open_npz(path: pathlib.Path, refetch: str):
     try:
         npz = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}). {refetch}") from None
+        raise UserError(f"{path} is not a readable .npz file ({type(e).__name__}). {refetch}") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} holds a single array, not a MedMNIST .npz archive. {refetch}")
+        raise UserError(f"{path} holds a single array, not a MedMNIST .npz archive. {refetch}")
     return npz
 
 
@@ -178,13 +179,13 @@ def _array(npz, key: str, path: pathlib.Path, refetch: str) -> np.ndarray:
     try:
         return npz[key]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # object arrays, truncated members
-        raise ValueError(f"{path}: its array {key!r} cannot be read ({type(e).__name__}). {refetch}") from None
+        raise UserError(f"{path}: its array {key!r} cannot be read ({type(e).__name__}). {refetch}") from None
 
 
 def _split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
     require_8bit(images, f"{where}_images")
     if labels.dtype.kind not in "iu":
-        raise ValueError(f"{where}_labels: labels of dtype {labels.dtype}, not integers; store the class indices "
+        raise UserError(f"{where}_labels: labels of dtype {labels.dtype}, not integers; store the class indices "
                          "as integers")
     if images.ndim == 3:  # Grey-scale files store (N, S, S).
         images = images[..., None]

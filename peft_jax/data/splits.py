@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from peft_jax.errors import UserError
+
 
 @dataclasses.dataclass
 class Split:
@@ -75,7 +77,7 @@ class DatasetSplits:
         for split_name in ("train", "validation", "test"):
             split = getattr(self, split_name)
             if not len(split):
-                raise ValueError(f"dataset {self.name!r}: the {split_name} split is empty; check the dataset's "
+                raise UserError(f"dataset {self.name!r}: the {split_name} split is empty; check the dataset's "
                                  "files (or its manual_dir) and prepare it again")
             check_labels(split.labels, self.num_classes, f"dataset {self.name!r} {split_name} split")
 
@@ -91,7 +93,7 @@ def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
     if bad.size:
         values, counts = np.unique(bad, return_counts=True)
         found = ", ".join(f"{int(v)} ({int(n)}x)" for v, n in zip(values[:5], counts[:5]))
-        raise ValueError(f"{where}: labels must be in [0, {num_classes}) for its {num_classes} classes, found "
+        raise UserError(f"{where}: labels must be in [0, {num_classes}) for its {num_classes} classes, found "
                          f"{found}; fix the labels in the dataset's files (or its class list)")
 
 
@@ -102,7 +104,7 @@ def stratified_subsample(labels: np.ndarray, fraction: float, seed: int) -> np.n
     fraction is a subset of a larger one: low-data runs are nested, not independent draws.
     """
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"dataset.fraction must be in (0, 1], got {fraction!r}.")
+        raise UserError(f"dataset.fraction must be in (0, 1], got {fraction!r}.")
     labels = np.asarray(labels).reshape(-1)
     rng = np.random.default_rng(seed)
     keep = []

@@ -21,6 +21,7 @@ from PIL import Image
 from peft_jax import cache
 from peft_jax.data import builders
 from peft_jax.data.splits import DatasetSplits, Split
+from peft_jax.errors import UserError
 from peft_jax.files import read_json
 
 SPLITS = ("train", "validation", "test")
@@ -44,7 +45,7 @@ def make_builder(name: str, *, data_dir: str | os.PathLike | None = None, config
     except json_format.ParseError as e:  # TFDS reads the prepared copy's dataset_info.json here
         root = pathlib.Path(data_dir, name) if pathlib.Path(data_dir, name).is_dir() else pathlib.Path(data_dir)
         damaged = sorted(str(f.parent) for f in root.rglob("dataset_info.json") if not _parses(f))
-        raise ValueError(f"the prepared dataset {', '.join(damaged) or data_dir} is damaged (its dataset_info.json "
+        raise UserError(f"the prepared dataset {', '.join(damaged) or data_dir} is damaged (its dataset_info.json "
                          f"does not parse: {e}); delete that folder and run again to prepare it from its manual "
                          "directory") from None
 

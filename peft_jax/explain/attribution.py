@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from peft_jax.data.pipeline import normalize
+from peft_jax.errors import UserError
 from peft_jax.models.vit import Attention, ViT
 
 METHODS = ("gradcam", "gxi", "ig", "rollout")
@@ -73,7 +74,7 @@ def baseline_image(baseline: str | float, shape: tuple[int, ...]) -> jax.Array:
     try:
         return jnp.full(shape, float(baseline), jnp.float32)
     except (TypeError, ValueError):
-        raise ValueError(f"integrated-gradients baseline must be 'black', 'mean' or a number, got {baseline!r}") \
+        raise UserError(f"integrated-gradients baseline must be 'black', 'mean' or a number, got {baseline!r}") \
             from None
 
 
@@ -160,7 +161,7 @@ class Explainer:
 
     def __init__(self, model: nnx.Module, *, ig_steps: int = IG_STEPS, baseline: str | float = "black"):
         if int(ig_steps) < 1:
-            raise ValueError(f"integrated gradients need at least 1 step, got {ig_steps}")
+            raise UserError(f"integrated gradients need at least 1 step, got {ig_steps}")
         model.eval()
         self.model = model
         self.baseline = baseline
@@ -176,7 +177,7 @@ class Explainer:
     def __call__(self, method: str, images, targets) -> np.ndarray:
         reason = unsupported_reason(self.model, method)
         if reason:
-            raise ValueError(reason)
+            raise UserError(reason)
         images, targets = jnp.asarray(images, jnp.float32), jnp.asarray(targets, jnp.int32)
         args = (self.state, images, targets)
         if method == "ig":

@@ -16,6 +16,7 @@ from PIL import Image
 from peft_jax.data import builders
 from peft_jax.data.pipeline import eval_mask
 from peft_jax.data.tfds_loader import default_manual_dir
+from peft_jax.errors import UserError
 
 ASPECT_TOLERANCE = 0.02  # a mask whose aspect ratio differs more from its image's belongs to another image
 
@@ -35,7 +36,7 @@ class DatasetMasks:
         patterns = builders.get(name).MASKS if name in builders.BUILDERS else ()
         if not patterns:
             with_masks = [n for n in builders.BUILDERS if builders.get(n).MASKS]
-            raise ValueError(f"dataset {name!r} has no segmentation masks to score explanations against; "
+            raise UserError(f"dataset {name!r} has no segmentation masks to score explanations against; "
                              f"datasets with masks: {', '.join(with_masks)}")
         if mask_dir:
             self.pattern = str(pathlib.Path(mask_dir) / pathlib.Path(patterns[0]).name)
@@ -43,13 +44,13 @@ class DatasetMasks:
         else:
             manual = dataset.get("manual_dir") or default_manual_dir(name)
             if not manual:
-                raise ValueError(f"the masks of {name} are found in its manual directory: set dataset.manual_dir "
+                raise UserError(f"the masks of {name} are found in its manual directory: set dataset.manual_dir "
                                  "in the run's config, $PEFT_JAX_DATA, or --mask_dir")
             candidates = [str(pathlib.Path(manual) / p) for p in patterns]
             folders = [pathlib.Path(c).parent for c in candidates]
             self.pattern = next((c for c, f in zip(candidates, folders) if f.is_dir()), "")
         if not self.pattern or not pathlib.Path(self.pattern).parent.is_dir():
-            raise ValueError(f"no mask folder for {name}: none of {', '.join(map(str, folders))} exists (this copy "
+            raise UserError(f"no mask folder for {name}: none of {', '.join(map(str, folders))} exists (this copy "
                              "of the dataset has no masks; point dataset.manual_dir or --mask_dir at one that does)")
 
     def path(self, example_id: str) -> pathlib.Path:
@@ -59,9 +60,9 @@ class DatasetMasks:
         """The example's mask, checked to fit its image's frame, in the evaluation view (size x size)."""
         path = self.path(example_id)
         if not path.is_file():
-            raise ValueError(f"no mask for example {example_id}: {path} does not exist")
+            raise UserError(f"no mask for example {example_id}: {path} does not exist")
         mask = read_mask(path)
         (h, w), (mh, mw) = image_hw, mask.shape
         if abs(mw / mh - w / h) > ASPECT_TOLERANCE * (w / h):
-            raise ValueError(f"mask {path} is {mw}x{mh} but its image is {w}x{h}: not the same frame")
+            raise UserError(f"mask {path} is {mw}x{mh} but its image is {w}x{h}: not the same frame")
         return eval_mask(mask, image_size)

@@ -23,8 +23,10 @@ import time
 import ml_collections
 import numpy as np
 
+from peft_jax.errors import UserError
 from peft_jax.explain import attribution, overlay, scores
 from peft_jax.explain.masks import DatasetMasks
+from peft_jax.files import read_json
 
 SELECTION_SEED = 0  # the test images explained: the same for every run of a dataset
 BOOTSTRAP_SEED = 0
@@ -37,9 +39,9 @@ def finished_run(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     """The run's config, once it has finished (results.json and adapter/ written)."""
     for name in ("config.json", "results.json", "adapter/adapter_config.json"):
         if not (workdir / name).is_file():
-            raise ValueError(f"{workdir} is not a finished run: {name} is missing (train it to the end with "
+            raise UserError(f"{workdir} is not a finished run: {name} is missing (train it to the end with "
                              "launch/train.py first)")
-    return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    return ml_collections.ConfigDict(read_json(workdir / "config.json", "train the run again"))
 
 
 def load_model(cfg: ml_collections.ConfigDict, workdir: pathlib.Path):
@@ -64,13 +66,13 @@ def test_images(cfg: ml_collections.ConfigDict, split: str, num_images: int):
     from peft_jax.data import tfds_loader
 
     if split not in tfds_loader.SPLITS:
-        raise ValueError(f"--split must be one of {', '.join(tfds_loader.SPLITS)}, got {split!r}")
+        raise UserError(f"--split must be one of {', '.join(tfds_loader.SPLITS)}, got {split!r}")
     d = cfg.dataset
     builder = tfds_loader.prepare(d.name, manual_dir=d.get("manual_dir"), data_dir=d.get("data_dir"),
                                   config=d.get("config"), skip_bad_files=bool(d.get("skip_bad_files", False)))
     full = tfds_loader.read_split(builder, split)
     if num_images < 1 or len(full) == 0:
-        raise ValueError(f"nothing to explain: --num_images={num_images}, the {split} split has {len(full)} examples")
+        raise UserError(f"nothing to explain: --num_images={num_images}, the {split} split has {len(full)} examples")
     indices = np.sort(np.random.default_rng(SELECTION_SEED).permutation(len(full))[:num_images])
     return full.take(indices), indices
 
@@ -155,10 +157,10 @@ def _check_methods(model, model_name: str, methods: list[str] | None) -> list[st
     if not methods:
         methods = attribution.supported_methods(model)
         if not methods:
-            raise ValueError(f"model {model_name} has no layer any attribution method supports")
+            raise UserError(f"model {model_name} has no layer any attribution method supports")
         return methods
     for m in methods:
         reason = attribution.unsupported_reason(model, m)
         if reason:
-            raise ValueError(f"--method {m} cannot explain {model_name}: {reason}")
+            raise UserError(f"--method {m} cannot explain {model_name}: {reason}")
     return list(methods)

@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from peft_jax.config import with_values
+from peft_jax.errors import UserError
 from peft_jax.hpo import space as space_lib
 
 SCRATCH = "scratch"  # pseudo-method: full training from random weights (no pre-training, no init.checkpoint)
@@ -86,7 +87,7 @@ class Cell:
 
 def _bench(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "benchmark" not in cfg:
-        raise ValueError("the config has no 'benchmark' section; add one with peft_jax.hpo.benchmark_section(...) "
+        raise UserError("the config has no 'benchmark' section; add one with peft_jax.hpo.benchmark_section(...) "
                          "(see configs/benchmark/mini.py)")
     return cfg.benchmark
 
@@ -97,18 +98,18 @@ def cells(cfg: ml_collections.ConfigDict) -> list[Cell]:
             "fractions": _names(b.fractions), "seeds": _names(b.seeds)}
     for axis, values in axes.items():
         if not values:
-            raise ValueError(f"benchmark.{axis} is empty; give a comma-separated list")
+            raise UserError(f"benchmark.{axis} is empty; give a comma-separated list")
     unknown = sorted(set(b.fractions_by_dataset) - set(axes["datasets"]))
     if unknown:
-        raise ValueError(f"benchmark.fractions_by_dataset names {unknown}, which benchmark.datasets does not list")
+        raise UserError(f"benchmark.fractions_by_dataset names {unknown}, which benchmark.datasets does not list")
     try:
         fractions = {d: [float(f) for f in _names(b.fractions_by_dataset.get(d, b.fractions))] for d in axes["datasets"]}
         [int(s) for s in axes["seeds"]]
     except ValueError:
-        raise ValueError(f"benchmark.fractions ({b.fractions!r}) and fractions_by_dataset must be numbers and "
+        raise UserError(f"benchmark.fractions ({b.fractions!r}) and fractions_by_dataset must be numbers and "
                          f"benchmark.seeds ({b.seeds!r}) integers") from None
     if b.search not in ("fixed", "sweep"):
-        raise ValueError(f"benchmark.search must be 'fixed' or 'sweep', got {b.search!r}")
+        raise UserError(f"benchmark.search must be 'fixed' or 'sweep', got {b.search!r}")
     return [Cell(m, d, meth, f) for m in axes["models"] for d in axes["datasets"] for meth in axes["methods"]
             for f in fractions[d]]
 
@@ -124,7 +125,7 @@ def _overrides(cfg: ml_collections.ConfigDict, *names: str) -> dict[str, Any]:
             spec = space_lib.parse_spec(cfg.benchmark.overrides[name], f"benchmark.overrides.{name}")
             bad = space_lib.searched(spec)
             if bad:
-                raise ValueError(f"benchmark.overrides.{name} sets fixed values; {', '.join(bad)} is a distribution "
+                raise UserError(f"benchmark.overrides.{name} sets fixed values; {', '.join(bad)} is a distribution "
                                  "(searched fields belong in sweep.space)")
             out.update(spec)
     return out

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import ml_collections
 
+from peft_jax.errors import UserError
+
 if TYPE_CHECKING:  # optuna (the hpo extra) is needed by sweeps only, not by a fixed grid
     import optuna
 
@@ -65,7 +67,7 @@ def parse_spec(spec: str, where: str = "spec") -> dict[str, Any]:
         key, sep, value = entry.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
-            raise ValueError(f"{where}: bad entry {entry!r}; write key=value, e.g. train.lr=log(1e-4, 1e-2)")
+            raise UserError(f"{where}: bad entry {entry!r}; write key=value, e.g. train.lr=log(1e-4, 1e-2)")
         m = _DIST.match(value)
         if not m:
             out[key] = _literal(value)
@@ -73,11 +75,11 @@ def parse_spec(spec: str, where: str = "spec") -> dict[str, Any]:
         kind, args = m.group(1), tuple(_literal(a) for a in _split_args(m.group(2)))
         if kind == "choice":
             if not args:
-                raise ValueError(f"{where}: {key}=choice() needs at least one value")
+                raise UserError(f"{where}: {key}=choice() needs at least one value")
         elif len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or not args[0] < args[1]:
-            raise ValueError(f"{where}: {key}={value} needs two numbers low < high, e.g. {kind}(1e-4, 1e-2)")
+            raise UserError(f"{where}: {key}={value} needs two numbers low < high, e.g. {kind}(1e-4, 1e-2)")
         elif kind in ("log", "logint") and args[0] <= 0:
-            raise ValueError(f"{where}: {key}={value} is log-scaled, so its lower bound must be > 0")
+            raise UserError(f"{where}: {key}={value} is log-scaled, so its lower bound must be > 0")
         out[key] = Dist(kind, args)
     return out
 
@@ -100,7 +102,7 @@ def space_for(sweep: ml_collections.ConfigDict, method: str) -> dict[str, Any]:
     for name in names:
         space.update(parse_spec(spaces[name], f"sweep.space.{name}"))
     if not searched(space):
-        raise ValueError(f"no searched field for method {method!r}: add sweep.space.common or sweep.space.{method} "
+        raise UserError(f"no searched field for method {method!r}: add sweep.space.common or sweep.space.{method} "
                          "with a distribution, e.g. 'train.lr=log(1e-4, 1e-1)'")
     return space
 

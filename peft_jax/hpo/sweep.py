@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 
 from peft_jax.config import with_values
 
+from peft_jax.errors import UserError
 from peft_jax.hpo import space as space_lib
 
 STATES = {"finished": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL,
@@ -48,7 +49,7 @@ def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 def _sweep(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "sweep" not in cfg:
-        raise ValueError("the config has no 'sweep' section; add one with peft_jax.hpo.sweep_section(...) "
+        raise UserError("the config has no 'sweep' section; add one with peft_jax.hpo.sweep_section(...) "
                          "(see configs/sweep_quick.py)")
     return cfg.sweep
 
@@ -292,7 +293,7 @@ def run_sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, worke
     """Runs (or resumes) the sweep with ``workers`` processes on this host; writes and returns the summary."""
     workdir = pathlib.Path(workdir)
     if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise UserError(f"--workers must be at least 1, got {workers}")
     sweep = _sweep(cfg)
     check_space(cfg)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from peft_jax.errors import UserError
+
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of (N, D) features, in float64."""
@@ -33,7 +35,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"FID: statistics of different sizes {mu1.shape}/{sigma1.shape} and {mu2.shape}/{sigma2.shape}")
+        raise UserError(f"FID: statistics of different sizes {mu1.shape}/{sigma1.shape} and {mu2.shape}/{sigma2.shape}")
     root1 = _psd_sqrt(sigma1)
     eig = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
@@ -64,15 +66,15 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     except FileNotFoundError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # ValueError: text or pickled data
-        raise ValueError(f"{path}: not a readable .npz statistics file") from e
+        raise UserError(f"{path}: not a readable .npz statistics file") from e
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: a statistics file is an .npz holding 'mu' and 'sigma', not a single array")
+        raise UserError(f"{path}: a statistics file is an .npz holding 'mu' and 'sigma', not a single array")
     with data:
         if "mu" not in data.files or "sigma" not in data.files:
-            raise ValueError(f"{path}: a statistics file needs arrays 'mu' and 'sigma', found {sorted(data.files)}")
+            raise UserError(f"{path}: a statistics file needs arrays 'mu' and 'sigma', found {sorted(data.files)}")
         mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise ValueError(f"{path}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+        raise UserError(f"{path}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{path}: mu or sigma holds non-finite values")
+        raise UserError(f"{path}: mu or sigma holds non-finite values")
     return mu, sigma

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from peft_jax.data.images import IMAGE_SUFFIXES, read_rgb, signed_unit
+from peft_jax.errors import UserError
 from peft_jax.models.inception import FEATURE_DIM, INPUT_SIZE, InceptionV3
 
 
@@ -35,7 +36,7 @@ def inception_features(model: InceptionV3, batch_size: int = 32) -> Callable[[np
     the host); the last batch is padded to full size, so a stream of equally sized images compiles once.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise UserError(f"batch_size must be positive, got {batch_size}")
     graphdef, state = nnx.split(model)
 
     def features(images: np.ndarray) -> np.ndarray:
@@ -128,7 +129,7 @@ def open_source(source: str) -> tuple[np.ndarray, np.ndarray] | list[pathlib.Pat
         return load_statistics(path)
     files = image_files(path)
     if len(files) < 2:
-        raise ValueError(f"{path}: FID needs at least 2 images, found {len(files)}")
+        raise UserError(f"{path}: FID needs at least 2 images, found {len(files)}")
     return files
 
 
@@ -140,10 +141,10 @@ def compare(args: Sequence[str], *, weights: str, batch_size: int = 32, save: st
     from peft_jax.models import from_pretrained
 
     if save and not save.endswith(".npz"):
-        raise ValueError(f"--save_stats must name a .npz file, got {save}")
+        raise UserError(f"--save_stats must name a .npz file, got {save}")
     sources = [open_source(a) for a in args]
     if save and isinstance(sources[0], tuple):
-        raise ValueError(f"--save_stats needs REAL to be an image folder, not statistics ({args[0]})")
+        raise UserError(f"--save_stats needs REAL to be an image folder, not statistics ({args[0]})")
     used_weights = weights if any(isinstance(s, list) for s in sources) else None  # statistics need no network
     features = inception_features(from_pretrained("inception_v3_fid", weights), batch_size) if used_weights else None
     stats, counts = [], []

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peft_jax.errors import UserError
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008  # the TensorFlow graph's 1001 ImageNet classes, padded
@@ -134,7 +136,7 @@ class InceptionE(nnx.Module):
 
     def __init__(self, cin: int, pool: str, *, rngs: nnx.Rngs):
         if pool not in ("avg", "max"):
-            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+            raise UserError(f"pool must be 'avg' or 'max', got {pool!r}")
         self.pool = pool
         self.branch1x1 = ConvBN(cin, 320, 1, rngs=rngs)
         self.branch3x3_1 = ConvBN(cin, 384, 1, rngs=rngs)

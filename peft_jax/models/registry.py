@@ -6,6 +6,7 @@ import dataclasses
 
 from flax import nnx
 
+from peft_jax.errors import UserError
 from peft_jax.models.vit import VIT_VARIANTS, ViT, ViTConfig
 from peft_jax.names import EFFICIENTNET_NAMES, MODEL_NAMES, RESNET_NAMES, unknown_name_error  # noqa: F401
 
@@ -20,7 +21,7 @@ def vit_config(name: str, *, num_classes: int, image_size: int, **overrides) -> 
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
     bad = sorted(set(overrides) - fields)
     if bad:
-        raise ValueError(f"unknown ViT option(s) {bad}; valid: {sorted(fields)}")
+        raise UserError(f"unknown ViT option(s) {bad}; valid: {sorted(fields)}")
     kwargs = {**VIT_VARIANTS[name], **{k: v for k, v in overrides.items() if v is not None}}
     return ViTConfig(num_classes=num_classes, image_size=image_size, **kwargs)
 
@@ -32,7 +33,7 @@ def efficientnet_config(name: str, *, num_classes: int, **overrides):
     allowed = ("drop_connect_rate", "dropout_rate")
     extra = sorted(k for k, v in overrides.items() if v is not None and k not in allowed)
     if extra:
-        raise ValueError(f"EfficientNet-Lite takes only the model options {list(allowed)}, got {extra}")
+        raise UserError(f"EfficientNet-Lite takes only the model options {list(allowed)}, got {extra}")
     return lite_config(name, num_classes=num_classes, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -45,7 +46,7 @@ def create_model(name: str, *, num_classes: int, image_size: int = 224, rngs: nn
 
         extra = {k: v for k, v in overrides.items() if v is not None}
         if extra:
-            raise ValueError(f"ResNet takes no model options, got {sorted(extra)}")
+            raise UserError(f"ResNet takes no model options, got {sorted(extra)}")
         return ResNet(int(name.removeprefix("resnet")), num_classes=num_classes, rngs=rngs)
     if name in EFFICIENTNET_NAMES:
         from peft_jax.models.efficientnet import EfficientNet

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peft_jax.errors import UserError
+
 # depth -> (block type, blocks per stage), as in torchvision.
 RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     18: ("basic", (2, 2, 2, 2)),
@@ -185,7 +187,7 @@ class ResNet(nnx.Module):
 
     def __init__(self, depth: int, *, num_classes: int = 1000, rngs: nnx.Rngs):
         if depth not in RESNET_DEPTHS:
-            raise ValueError(f"ResNet depth must be one of {sorted(RESNET_DEPTHS)}, got {depth}")
+            raise UserError(f"ResNet depth must be one of {sorted(RESNET_DEPTHS)}, got {depth}")
         kind, blocks = RESNET_DEPTHS[depth]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
         self.depth = depth

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peft_jax.errors import UserError
 from peft_jax.models.precision import mixed_einsum
 
 Dtype = jnp.dtype
@@ -49,7 +50,7 @@ class ViTConfig:
         if self.patch_size < 1 or self.image_size < self.patch_size or self.image_size % self.patch_size:
             p = max(1, self.patch_size)
             near = sorted({max(p, self.image_size // p * p), max(p, -(-self.image_size // p) * p)})
-            raise ValueError(f"model.image_size={self.image_size} must be a positive multiple of model.patch_size="
+            raise UserError(f"model.image_size={self.image_size} must be a positive multiple of model.patch_size="
                              f"{self.patch_size} (at least one patch); the nearest valid sizes are "
                              f"{' and '.join(map(str, near))}")
 
@@ -174,7 +175,7 @@ def resize_pos_embed(pos_embed: jax.Array, new_grid: int, num_prefix_tokens: int
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = int(round(math.sqrt(grid.shape[1])))
     if old * old != grid.shape[1]:
-        raise ValueError(f"position embedding with {grid.shape[1]} patch tokens is not a square grid")
+        raise UserError(f"position embedding with {grid.shape[1]} patch tokens is not a square grid")
     if old == new_grid:
         return pos_embed
     d = grid.shape[-1]
@@ -197,9 +198,9 @@ class ViT(nnx.Module):
             kernel_init=nnx.initializers.lecun_normal(),
         )
         if cfg.pool not in ("token", "gap"):
-            raise ValueError(f"model.pool must be 'token' or 'gap', got {cfg.pool!r}")
+            raise UserError(f"model.pool must be 'token' or 'gap', got {cfg.pool!r}")
         if cfg.pool == "token" and not cfg.has_class_token:
-            raise ValueError("model.pool='token' needs a class token (class_token=False was given)")
+            raise UserError("model.pool='token' needs a class token (class_token=False was given)")
         if cfg.has_class_token:
             self.cls_token = nnx.Param(jnp.zeros((1, 1, d), jnp.float32))
         num_tokens = cfg.grid_size**2 + cfg.num_prefix_tokens

@@ -24,6 +24,7 @@ from flax import nnx
 
 from peft_jax.checkpoints.diffusers import StableDiffusion
 from peft_jax.data.images import IMAGE_SUFFIXES, read_rgb, signed_unit
+from peft_jax.errors import UserError
 
 REPORT_DATASETS = ("iu_xray", "mimic_cxr")
 PROMPT_FIELDS = ("impression", "findings", "both")
@@ -45,7 +46,13 @@ def load_image(source: str | pathlib.Path | io.BytesIO, size: int) -> np.ndarray
 
 def image_folder(root: str | pathlib.Path, size: int, template: str) -> Examples:
     """Images in one subfolder per label (sorted); the prompt is ``template`` with the lower-cased label."""
+    if not root:
+        raise UserError("dataset.manual_dir: set it to the image folder (one subfolder per label) for "
+                        "dataset.name=image_folder")
     root = pathlib.Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset.manual_dir={root}: no such folder; give the image folder (one subfolder "
+                                "per label)")
     files = sorted(p for p in root.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"{root}: expected one subfolder per label holding {'/'.join(IMAGE_SUFFIXES)} images")
@@ -67,7 +74,7 @@ def report_dataset(ds: ml_collections.ConfigDict, size: int) -> Examples:
     from peft_jax.data import tfds_loader
 
     if ds.prompt_field not in PROMPT_FIELDS:  # before any preparation
-        raise ValueError(f"dataset.prompt_field must be one of {PROMPT_FIELDS}, got {ds.prompt_field!r}")
+        raise UserError(f"dataset.prompt_field must be one of {PROMPT_FIELDS}, got {ds.prompt_field!r}")
     builder = tfds_loader.prepare(ds.name, manual_dir=ds.manual_dir or None, data_dir=ds.data_dir, config=ds.config,
                                   skip_bad_files=ds.skip_bad_files)
     source = builder.as_data_source(split=ds.split, decoders={"image": tfds.decode.SkipDecoding()})
@@ -84,7 +91,7 @@ def load_examples(ds: ml_collections.ConfigDict, size: int) -> Examples:
         return image_folder(ds.manual_dir, size, ds.prompt_template)
     if ds.name in REPORT_DATASETS:
         return report_dataset(ds, size)
-    raise ValueError(f"dataset.name must be image_folder or one of {REPORT_DATASETS}, got {ds.name!r}")
+    raise UserError(f"dataset.name must be image_folder or one of {REPORT_DATASETS}, got {ds.name!r}")
 
 
 _encode_text = nnx.jit(lambda encoder, ids: encoder(ids))
@@ -129,7 +136,7 @@ def cache_examples(pipe: StableDiffusion, examples: Examples, max_images: int = 
             latents.append(np.asarray(_encode_images(pipe.vae, images))[:len(kept)])
             prompts.extend(prompt for _, prompt in kept)
     if not prompts:
-        raise ValueError(f"none of the {len(indices)} examples has prompt text")
+        raise UserError(f"none of the {len(indices)} examples has prompt text")
     if len(prompts) < len(indices):
         print(f"[data] {len(indices) - len(prompts)} of {len(indices)} examples have no prompt text: left out")
     unique, prompt_ids = np.unique(np.asarray(prompts), return_inverse=True)

@@ -24,6 +24,7 @@ from peft_jax.adapters import apply_peft, merge, trainable_filter
 from peft_jax.adapters.import_diffusers import apply_diffusers_lora, is_diffusers_lora
 from peft_jax.adapters.io import load_adapter, read_adapter_config, state_hash
 from peft_jax.checkpoints.diffusers import StableDiffusion, load_pipeline
+from peft_jax.errors import UserError
 from peft_jax.models.diffusion import schedulers
 from peft_jax.t2i.data import encode_prompts
 
@@ -31,10 +32,12 @@ from peft_jax.t2i.data import encode_prompts
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     """The --prompt values, then the non-empty lines of --prompts_file."""
     prompts = list(prompts)
+    if prompts_file and not pathlib.Path(prompts_file).is_file():
+        raise UserError(f"--prompts_file {prompts_file}: no such file; give a text file with one prompt a line")
     if prompts_file:
         prompts += [line.strip() for line in pathlib.Path(prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ValueError("no prompt: pass --prompt (repeatable) or --prompts_file")
+        raise UserError("no prompt: pass --prompt (repeatable) or --prompts_file")
     return prompts
 
 
@@ -42,7 +45,7 @@ def read_t2i_adapter_config(directory: str | pathlib.Path) -> dict:
     """adapter_config.json, refused early when it lacks what train_t2i writes (e.g. a classifier's adapter)."""
     meta = read_adapter_config(directory)
     if not {"peft", "model", "base_hash"} <= set(meta):
-        raise ValueError(f"{directory}: adapter_config.json lacks the peft method, model or base hash; is it a "
+        raise UserError(f"{directory}: adapter_config.json lacks the peft method, model or base hash; is it a "
                          "train_t2i adapter folder?")
     return meta
 
@@ -71,7 +74,7 @@ def sample_images(pipe: StableDiffusion, prompts: list[str], *, sampler: str, st
     """(len(prompts), size, size, 3) uint8 images, sampled in batches of ``batch_size`` (the last one padded)."""
     factor = vae_factor(pipe)
     if image_size % factor:
-        raise ValueError(f"image size {image_size} is not a multiple of the VAE's downsampling factor {factor}")
+        raise UserError(f"image size {image_size} is not a multiple of the VAE's downsampling factor {factor}")
     shape = (batch_size, image_size // factor, image_size // factor, pipe.unet.config.in_channels)
     plan = schedulers.make_sampler(sampler, pipe.scheduler, steps)
     empty = encode_prompts(pipe, [""])
@@ -113,7 +116,7 @@ def generate(base: str | pathlib.Path, prompts: list[str], out: str | pathlib.Pa
              guidance: float = 7.5, seed: int = 0, batch_size: int = 4, image_size: int = 0) -> list[pathlib.Path]:
     """Samples ``num_images`` per prompt with the base pipeline (and adapter) and saves them; returns the paths."""
     if num_images < 1 or batch_size < 1:
-        raise ValueError(f"num_images and batch_size must be positive, got {num_images} and {batch_size}")
+        raise UserError(f"num_images and batch_size must be positive, got {num_images} and {batch_size}")
     meta = read_t2i_adapter_config(adapter) if adapter and not is_diffusers_lora(adapter) else {}
     pipe = load_pipeline(base, dtype=meta["model"].get("dtype") if meta else None)
     if adapter:

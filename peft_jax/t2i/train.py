@@ -29,6 +29,7 @@ from peft_jax.adapters import apply_peft, method_names, param_report, trainable_
 from peft_jax.adapters.export_diffusers import export_lora_diffusers
 from peft_jax.adapters.io import save_adapter, state_hash
 from peft_jax.checkpoints.diffusers import load_pipeline
+from peft_jax.errors import UserError
 from peft_jax.models.diffusion import schedulers
 from peft_jax.t2i.data import Cache, cache_examples, load_examples
 from peft_jax.train.state import TrainState, setup
@@ -61,9 +62,9 @@ def make_train_step(state: TrainState, sched: schedulers.SchedulerConfig) -> Cal
 
 def check_config(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     if not cfg.init.checkpoint:
-        raise ValueError("init.checkpoint: set it to a diffusers Stable Diffusion pipeline folder")
+        raise UserError("init.checkpoint: set it to a diffusers Stable Diffusion pipeline folder")
     if cfg.train.batch_size % num_devices:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {num_devices} devices of "
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {num_devices} devices of "
                          "the mesh (mesh.data x mesh.fsdp)")
 
 
@@ -106,8 +107,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     mesh = shd.make_mesh(cfg.mesh)
     check_config(cfg, mesh.size)
     workdir.refuse_other_experiment(cfg)
+    examples = load_examples(cfg.dataset, cfg.model.image_size)  # a missing data folder fails before the pipeline loads
     pipe = load_pipeline(cfg.init.checkpoint, dtype=cfg.model.dtype)
-    cache = cache_examples(pipe, load_examples(cfg.dataset, cfg.model.image_size), cfg.dataset.max_images)
+    cache = cache_examples(pipe, examples, cfg.dataset.max_images)
     base_hash = state_hash(nnx.state(pipe.unet, nnx.Param))
     unet = apply_peft(pipe.unet, cfg.peft, rngs=nnx.Rngs(cfg.seed))
     filt = trainable_filter(cfg.peft)

@@ -8,12 +8,13 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
 
 from peft_jax.adapters import apply_peft, trainable_filter
 from peft_jax.adapters.core import Filter
 from peft_jax.adapters.import_hf import start_from_hf_adapter
 from peft_jax.adapters.io import ADAPTER_FILE, put_arrays, read_adapter_config, state_hash
+from peft_jax.errors import UserError
+from peft_jax.files import read_safetensors
 from peft_jax.models import EFFICIENTNET_NAMES, RESNET_NAMES, create_model, from_pretrained
 
 
@@ -27,13 +28,13 @@ class Built:
 def model_overrides(cfg: ml_collections.ConfigDict) -> dict:
     dtype, matmul_dtype = cfg.train.compute_dtype, cfg.train.get("matmul_dtype")
     if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"train.compute_dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        raise UserError(f"train.compute_dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if matmul_dtype not in (None, dtype, "bfloat16"):
-        raise ValueError(f"train.matmul_dtype must be unset, 'bfloat16' or train.compute_dtype ({dtype!r}), got "
+        raise UserError(f"train.matmul_dtype must be unset, 'bfloat16' or train.compute_dtype ({dtype!r}), got "
                          f"{matmul_dtype!r}")
     if cfg.model.name in RESNET_NAMES + EFFICIENTNET_NAMES:
         if dtype != "float32" or matmul_dtype not in (None, "float32"):
-            raise ValueError("train.compute_dtype / train.matmul_dtype 'bfloat16' are implemented for ViTs only; "
+            raise UserError("train.compute_dtype / train.matmul_dtype 'bfloat16' are implemented for ViTs only; "
                              "use float32 for ResNets and EfficientNets")
         return {} if cfg.model.name in RESNET_NAMES else {"drop_connect_rate": cfg.model.get("drop_connect_rate")}
     return dict(patch_size=cfg.model.patch_size, depth=cfg.model.depth, pool=cfg.model.pool,
@@ -47,11 +48,11 @@ def load_native(model: nnx.Module, directory: pathlib.Path, num_classes: int) ->
     """
     meta = read_adapter_config(directory)
     if meta["peft"]["method"] != "full":
-        raise ValueError(f"{directory} holds a {meta['peft']['method']!r} adapter; only a 'full' run's folder is a "
+        raise UserError(f"{directory} holds a {meta['peft']['method']!r} adapter; only a 'full' run's folder is a "
                          "complete set of weights to start from")
-    arrays = load_file(str(directory / ADAPTER_FILE))
+    arrays = read_safetensors(directory / ADAPTER_FILE, "copy the run's adapter folder again")
     assigned = put_arrays(model, arrays, (("params/", nnx.Param), ("state/", nnx.BatchStat)),
-                          f"{directory} (a {meta['model'].get('name')} run)", may_differ=lambda key: key.startswith("head/"))
+                          f"{directory} (a {meta.get('model', {}).get('name')} run)", may_differ=lambda key: key.startswith("head/"))
     if "params/head/kernel" not in assigned:
         print(f"[init] {directory}: head re-initialised for {num_classes} classes")
 

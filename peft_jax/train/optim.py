@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import optax
 
+from peft_jax.errors import UserError
 from peft_jax.paths import keypath_str
 
 SCHEDULES = ("warmup_cosine", "constant")
@@ -26,7 +27,7 @@ def schedule(lr: float, cfg: ml_collections.ConfigDict) -> optax.Schedule:
     """``train.schedule``: linear warm-up then cosine decay to 0 over ``num_steps``, or a constant rate."""
     kind = cfg.get("schedule", "warmup_cosine")
     if kind not in SCHEDULES:
-        raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {kind!r}")
+        raise UserError(f"train.schedule must be one of {SCHEDULES}, got {kind!r}")
     if kind == "constant":
         return optax.constant_schedule(lr)
     warmup = min(int(cfg.warmup_steps), max(int(cfg.num_steps) - 1, 0))
@@ -47,11 +48,11 @@ def check_mults(cfg: ml_collections.ConfigDict) -> None:
         for entry in cfg.get(field, ()):
             ok = isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
             if not ok or not isinstance(entry[1], (int, float)) or entry[1] < 0:
-                raise ValueError(f"train.{field}: each entry must be (regex, multiplier >= 0), got {entry!r}")
+                raise UserError(f"train.{field}: each entry must be (regex, multiplier >= 0), got {entry!r}")
             try:
                 re.compile(entry[0])
             except re.error as e:
-                raise ValueError(f"train.{field}: bad regex {entry[0]!r} ({e})") from None
+                raise UserError(f"train.{field}: bad regex {entry[0]!r} ({e})") from None
 
 
 def group_labels(trainable, cfg: ml_collections.ConfigDict):

@@ -19,12 +19,13 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from peft_jax.data.images import require_8bit
+from peft_jax.errors import UserError
 
 MAX_SIDE = 512
 SPLIT_SEED = 20240501  # Fixed: splits must not change with the experiment's seed.
 
 
-class BadFileError(ValueError):
+class BadFileError(UserError):
     """An image that cannot be read, or a metadata row whose image is absent."""
 
 

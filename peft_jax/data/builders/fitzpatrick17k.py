@@ -8,6 +8,7 @@ import pathlib
 import tensorflow_datasets as tfds
 
 from peft_jax.data.builders import common
+from peft_jax.errors import UserError
 
 THREE = ("non-neoplastic", "benign", "malignant")
 NINE = ("benign dermal", "benign epidermal", "benign melanocyte", "genodermatoses", "inflammatory",
@@ -80,7 +81,7 @@ class Fitzpatrick17k(common.MedicalImageBuilder):
         names = self.class_names()
         for i, row in enumerate(rows):
             if row.get(column) not in names or row.get("label") not in ALL:
-                raise ValueError(f"fitzpatrick17k: row {i + 2} of {root / 'fitzpatrick17k.csv'} has {column}="
+                raise UserError(f"fitzpatrick17k: row {i + 2} of {root / 'fitzpatrick17k.csv'} has {column}="
                                  f"{row.get(column)!r}, not one of the release's classes.")
         folder = root / "images" if (root / "images").is_dir() else root
         assignment = common.grouped_stratified_split([ALL.index(r["label"]) for r in rows],

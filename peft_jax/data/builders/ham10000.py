@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from peft_jax.data.builders import common
+from peft_jax.errors import UserError
 
 IMAGE_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2", "images")
 
@@ -44,10 +45,10 @@ class Ham10000(common.MedicalImageBuilder):
             rows = list(csv.DictReader(f))
         required = {"lesion_id", "image_id", "dx", "age", "sex", "localization"}
         if not rows or not required <= set(rows[0]):
-            raise ValueError(f"ham10000: {root / 'HAM10000_metadata.csv'} lacks the columns {sorted(required)}.")
+            raise UserError(f"ham10000: {root / 'HAM10000_metadata.csv'} lacks the columns {sorted(required)}.")
         for i, row in enumerate(rows):
             if row["dx"] not in self.CLASS_NAMES:
-                raise ValueError(f"ham10000: row {i + 2} of HAM10000_metadata.csv has dx {row['dx']!r}, "
+                raise UserError(f"ham10000: row {i + 2} of HAM10000_metadata.csv has dx {row['dx']!r}, "
                                  f"not one of {self.CLASS_NAMES}.")
         folders = [root / name for name in IMAGE_FOLDERS if (root / name).is_dir()]
         if not folders:

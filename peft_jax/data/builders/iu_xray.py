@@ -8,6 +8,7 @@ import pathlib
 import tensorflow_datasets as tfds
 
 from peft_jax.data.builders import common
+from peft_jax.errors import UserError
 
 IMAGE_FOLDERS = ("images/images_normalized", "images_normalized", "images")
 
@@ -48,7 +49,7 @@ class IuXray(common.MedicalImageBuilder):
             frontal = [r for r in csv.DictReader(f) if r["projection"] == "Frontal"]
         orphans = [r["filename"] for r in frontal if r["uid"] not in reports]
         if orphans:
-            raise ValueError(
+            raise UserError(
                 f"iu_xray: {len(orphans)} projections have no report in indiana_reports.csv, e.g. {orphans[0]}.")
         folder = next((root / f for f in IMAGE_FOLDERS if (root / f).is_dir()), None)
         if folder is None:

@@ -10,6 +10,7 @@ import re
 import tensorflow_datasets as tfds
 
 from peft_jax.data.builders import common
+from peft_jax.errors import UserError
 
 SPLIT = "mimic-cxr-2.0.0-split.csv"
 METADATA = "mimic-cxr-2.0.0-metadata.csv"
@@ -58,7 +59,7 @@ def _read_rows(root: pathlib.Path, name: str, columns: set[str]) -> list[dict[st
     with _open_csv(root, name) as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not columns <= set(reader.fieldnames):
-            raise ValueError(f"mimic_cxr: {root / name}(.gz) lacks the columns {sorted(columns)}; is it the "
+            raise UserError(f"mimic_cxr: {root / name}(.gz) lacks the columns {sorted(columns)}; is it the "
                              f"release's {name}?")
         return list(reader)
 
@@ -116,10 +117,10 @@ class MimicCxr(common.MedicalImageBuilder):
         rows: dict[str, list[tuple[dict, str]]] = {name: [] for name in _SPLITS.values()}
         for line, row in enumerate(splits, start=2):
             if row["split"] not in _SPLITS:
-                raise ValueError(f"mimic_cxr: line {line} of {SPLIT} has split {row['split']!r}, not one of "
+                raise UserError(f"mimic_cxr: line {line} of {SPLIT} has split {row['split']!r}, not one of "
                                  f"{sorted(_SPLITS)}.")
             if row["dicom_id"] not in views:
-                raise ValueError(f"mimic_cxr: image {row['dicom_id']} (line {line} of {SPLIT}) is not in {METADATA}; "
+                raise UserError(f"mimic_cxr: image {row['dicom_id']} (line {line} of {SPLIT}) is not in {METADATA}; "
                                  f"use the CSVs of one release.")
             view = views[row["dicom_id"]] or "unknown"
             if self.builder_config.name == "all" or view in FRONTAL:

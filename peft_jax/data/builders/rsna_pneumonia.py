@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from peft_jax.data.builders import common
+from peft_jax.errors import UserError
 
 LABELS = "stage_2_train_labels.csv"
 CLASS_INFO = "stage_2_detailed_class_info.csv"
@@ -31,7 +32,7 @@ def dicom_pixels(data: bytes) -> tuple[np.ndarray, dict[str, str]]:
     ds = pydicom.dcmread(io.BytesIO(data))
     pixels = ds.pixel_array
     if pixels.ndim != 2:
-        raise ValueError(f"expected one grey-scale frame, got pixel data of shape {pixels.shape}")
+        raise UserError(f"expected one grey-scale frame, got pixel data of shape {pixels.shape}")
     if pixels.dtype != np.uint8 or "WindowCenter" in ds or "VOILUTSequence" in ds:
         pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
         low, high = float(pixels.min()), float(pixels.max())
@@ -98,11 +99,11 @@ class RsnaPneumonia(common.MedicalImageBuilder):
         detailed = _column_by_patient(root / CLASS_INFO, "class", set(DETAILED))
         if set(targets) != set(detailed):
             only = sorted(set(targets) ^ set(detailed))
-            raise ValueError(f"rsna_pneumonia: {LABELS} and {CLASS_INFO} list different patients "
+            raise UserError(f"rsna_pneumonia: {LABELS} and {CLASS_INFO} list different patients "
                              f"({len(only)} in one only, e.g. {only[0]}); use the two files of one release.")
         for patient, target in targets.items():
             if (target == "1") != (detailed[patient] == "Lung Opacity"):
-                raise ValueError(f"rsna_pneumonia: patient {patient} has Target {target} in {LABELS} but class "
+                raise UserError(f"rsna_pneumonia: patient {patient} has Target {target} in {LABELS} but class "
                                  f"{detailed[patient]!r} in {CLASS_INFO}; the files are inconsistent.")
         return {patient: DETAILED.index(cls) for patient, cls in detailed.items()}
 
@@ -146,15 +147,15 @@ def _column_by_patient(path: pathlib.Path, column: str, allowed: set[str]) -> di
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"patientId", column} <= set(reader.fieldnames):
-            raise ValueError(f"rsna_pneumonia: {path} lacks the columns patientId and {column}; is it the "
+            raise UserError(f"rsna_pneumonia: {path} lacks the columns patientId and {column}; is it the "
                              f"release's {path.name}?")
         values: dict[str, str] = {}
         for line, row in enumerate(reader, start=2):
             value = row[column]
             if value not in allowed:
-                raise ValueError(f"rsna_pneumonia: line {line} of {path} has {column}={value!r}, not one of "
+                raise UserError(f"rsna_pneumonia: line {line} of {path} has {column}={value!r}, not one of "
                                  f"{sorted(allowed)}.")
             if values.setdefault(row["patientId"], value) != value:
-                raise ValueError(f"rsna_pneumonia: patient {row['patientId']} has two different {column} values "
+                raise UserError(f"rsna_pneumonia: patient {row['patientId']} has two different {column} values "
                                  f"in {path} (line {line}).")
     return values

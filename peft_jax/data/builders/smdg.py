@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from peft_jax.data.builders import common
+from peft_jax.errors import UserError
 
 METADATA = "metadata - standardized.csv"
 
@@ -49,7 +50,7 @@ class Smdg(common.MedicalImageBuilder):
         with open(root / METADATA, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("types") in ("0", "1")]
         if not rows or not {"names", "types", "patient_id", "fundus", "sex", "age"} <= set(rows[0]):
-            raise ValueError(f"smdg: {root / METADATA} has no labelled rows with the columns names, types, "
+            raise UserError(f"smdg: {root / METADATA} has no labelled rows with the columns names, types, "
                              f"patient_id, fundus, sex, age. {self.manual_instructions()}")
         labels = [int(r["types"]) for r in rows]
         groups = [r["patient_id"] or r["names"] for r in rows]

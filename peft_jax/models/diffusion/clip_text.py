@@ -9,7 +9,6 @@ plus ``merges.txt``) and pads every prompt to the model's 77 positions.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import jax
@@ -17,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peft_jax.errors import UserError
+from peft_jax.files import read_json
 from peft_jax.models.diffusion.layers import attention
 
 Dtype = jnp.dtype
@@ -105,7 +106,7 @@ class CLIPTextModel(nnx.Module):
 
     def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs):
         if cfg.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIP text: unsupported hidden_act {cfg.hidden_act!r}; valid: {sorted(ACTIVATIONS)}")
+            raise UserError(f"CLIP text: unsupported hidden_act {cfg.hidden_act!r}; valid: {sorted(ACTIVATIONS)}")
         self.config = cfg
         dtype = jnp.dtype(cfg.dtype)
         self.embeddings = Embeddings(cfg, dtype=dtype, rngs=rngs)
@@ -142,7 +143,7 @@ class CLIPTokenizer:
         self.max_length = max_length
         pad_id = tokenizer.token_to_id(pad_token)
         if pad_id is None:
-            raise ValueError(f"CLIP tokenizer: pad token {pad_token!r} is not in the vocabulary")
+            raise UserError(f"CLIP tokenizer: pad token {pad_token!r} is not in the vocabulary")
         tokenizer.enable_truncation(max_length=max_length)
         tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
 
@@ -155,7 +156,7 @@ class CLIPTokenizer:
         settings = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (path / name).is_file():
-                settings.update(json.loads((path / name).read_text()))
+                settings.update(read_json(path / name, "download the tokenizer files again"))
 
         def token(key: str, default: str) -> str:
             value = settings.get(key, default)
@@ -177,7 +178,7 @@ class CLIPTokenizer:
     def _from_vocab(cls, vocab: pathlib.Path, merges: pathlib.Path, unk: str, bos: str, eos: str):
         from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-        table = json.loads(vocab.read_text(encoding="utf-8"))
+        table = read_json(vocab, "download the tokenizer files again")
         lines = merges.read_text(encoding="utf-8").splitlines()
         pairs = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         tok = Tokenizer(models.BPE(table, pairs, unk_token=unk, end_of_word_suffix="</w>", continuing_subword_prefix="",

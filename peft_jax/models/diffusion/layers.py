@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peft_jax.errors import UserError
+
 Dtype = jnp.dtype
 
 
@@ -25,7 +27,7 @@ def conv(cin: int, cout: int, kernel: int, *, stride: int = 1, padding=None, dty
 
 def group_norm(channels: int, groups: int, eps: float, *, dtype: Dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
     if channels % groups:
-        raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
+        raise UserError(f"GroupNorm: {channels} channels do not split into {groups} groups")
     return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, dtype=dtype, rngs=rngs)
 
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.errors import UserError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -36,9 +38,9 @@ class SchedulerConfig:
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+            raise UserError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {self.timestep_spacing!r}")
+            raise UserError(f"timestep_spacing must be leading, trailing or linspace, got {self.timestep_spacing!r}")
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "SchedulerConfig":
@@ -48,7 +50,7 @@ class SchedulerConfig:
                              ("timestep_type", "discrete"), ("final_sigmas_type", "zero"),
                              ("interpolation_type", "linear")):
             if config.get(key) not in (neutral, None):
-                raise ValueError(f"scheduler option {key}={config[key]!r} is not supported")
+                raise UserError(f"scheduler option {key}={config[key]!r} is not supported")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in fields})
 
@@ -66,7 +68,7 @@ def alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
 
         betas = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
     else:
-        raise ValueError(f"unknown beta_schedule {cfg.beta_schedule!r}")
+        raise UserError(f"unknown beta_schedule {cfg.beta_schedule!r}")
     return np.cumprod(1.0 - betas).astype(np.float32)
 
 
@@ -97,7 +99,7 @@ def training_target(cfg: SchedulerConfig, x0: jax.Array, noise: jax.Array, t: ja
 def _spaced_timesteps(cfg: SchedulerConfig, num_steps: int) -> np.ndarray:
     n = cfg.num_train_timesteps
     if not 0 < num_steps <= n:
-        raise ValueError(f"num_inference_steps must be in [1, {n}], got {num_steps}")
+        raise UserError(f"num_inference_steps must be in [1, {n}], got {num_steps}")
     if cfg.timestep_spacing == "leading":
         return (np.arange(num_steps) * (n // num_steps)).round()[::-1] + cfg.steps_offset
     if cfg.timestep_spacing == "trailing":
@@ -176,7 +178,7 @@ SAMPLERS = {"ddim": DDIMSampler, "euler": EulerSampler}
 
 def make_sampler(name: str, cfg: SchedulerConfig, num_inference_steps: int) -> DDIMSampler | EulerSampler:
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid: {sorted(SAMPLERS)}")
+        raise UserError(f"unknown sampler {name!r}; valid: {sorted(SAMPLERS)}")
     return SAMPLERS[name](cfg, num_inference_steps)
 
 

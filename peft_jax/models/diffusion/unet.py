@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peft_jax.errors import UserError
 from peft_jax.models.diffusion.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 Dtype = jnp.dtype
@@ -52,7 +53,7 @@ class UNetConfig:
         value = self.attention_head_dim if value is None else value
         values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
         if len(values) != n:
-            raise ValueError(f"UNet: {values} has {len(values)} entries for {n} down blocks")
+            raise UserError(f"UNet: {values} has {len(values)} entries for {n} down blocks")
         return values
 
     @property
@@ -62,14 +63,14 @@ class UNetConfig:
     def __post_init__(self):
         n = len(self.down_block_types)
         if len(self.block_out_channels) != n or len(self.up_block_types) != n:
-            raise ValueError(f"UNet: {n} down blocks, {len(self.up_block_types)} up blocks and "
+            raise UserError(f"UNet: {n} down blocks, {len(self.up_block_types)} up blocks and "
                              f"{len(self.block_out_channels)} block_out_channels must agree")
         for t in self.down_block_types:
             if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
-                raise ValueError(f"UNet: unsupported down block {t!r}")
+                raise UserError(f"UNet: unsupported down block {t!r}")
         for t in self.up_block_types:
             if t not in ("CrossAttnUpBlock2D", "UpBlock2D"):
-                raise ValueError(f"UNet: unsupported up block {t!r}")
+                raise UserError(f"UNet: unsupported up block {t!r}")
 
 
 # Published configurations (diffusers unet/config.json of each pipeline).
@@ -136,7 +137,7 @@ class Transformer2DModel(nnx.Module):
     def __init__(self, channels: int, heads: int, context_dim: int, num_layers: int, cfg: UNetConfig, *,
                  dtype: Dtype, rngs: nnx.Rngs):
         if channels % heads:
-            raise ValueError(f"UNet: {channels} channels do not split into {heads} attention heads")
+            raise UserError(f"UNet: {channels} channels do not split into {heads} attention heads")
         self.linear = cfg.use_linear_projection
         self.norm = group_norm(channels, cfg.norm_num_groups, 1e-6, dtype=dtype, rngs=rngs)
         if self.linear:
@@ -259,7 +260,7 @@ class UNet2DConditionModel(nnx.Module):
         b, h, w, _ = sample.shape
         factor = 2 ** (len(cfg.block_out_channels) - 1)
         if h % factor or w % factor:
-            raise ValueError(f"UNet: latent size {h}x{w} must be a multiple of {factor}")
+            raise UserError(f"UNet: latent size {h}x{w} must be a multiple of {factor}")
         t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
         emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                  freq_shift=cfg.freq_shift)
