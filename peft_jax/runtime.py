@@ -56,6 +56,7 @@ def reset_optional_fields(cfg, keys: list[str]):
     from ml_collections import FieldReference
 
     from peft_jax.config import with_values
+    from peft_jax.errors import UserError
 
     for key in keys:
         *parents, leaf = key.split(".")
@@ -66,7 +67,7 @@ def reset_optional_fields(cfg, keys: list[str]):
                 break
         field = getattr(node, "_fields", {}).get(leaf) if node is not None else None
         if node is not None and leaf in node and not (isinstance(field, FieldReference) or node[leaf] is None):
-            raise ValueError(f"--config.{key}=None: {key} is not optional; give it a value")
+            raise UserError(f"--config.{key}=None: {key} is not optional; give it a value")
     return with_values(cfg, {k: None for k in keys}, "--config ...=None")
 
 
@@ -104,30 +105,18 @@ def init_distributed(cfg) -> None:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """``absl.app.run`` that turns configuration and data errors into one clear line and exit code 2.
-
-    Set PEFT_JAX_DEBUG=1 for the full traceback.
+    """``absl.app.run`` under the error contract (peft_jax/errors.py): a bad flag, config file, override or input
+    is one ``error:`` line and exit code 2; anything else is a bug and keeps its traceback.
     """
     from absl import app, logging
 
-    def guarded(argv: list[str]) -> None:
+    from peft_jax import errors
+
+    @errors.guard
+    def quiet_main(argv: list[str]) -> None:
         if not os.environ.get("PEFT_JAX_DEBUG"):
             logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
-        try:
-            main(argv)
-        except (ValueError, FileNotFoundError, KeyError, FloatingPointError, AttributeError) as e:
-            if os.environ.get("PEFT_JAX_DEBUG"):
-                traceback.print_exc()
-            message = str(e).strip("'\"")
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(2)
+        main(argv)
 
     NONE_OVERRIDES[:] = pop_none_overrides(sys.argv)
-    try:
-        app.run(guarded)
-    except (AttributeError, KeyError, ValueError, TypeError) as e:  # raised while parsing --config.x=y overrides
-        if os.environ.get("PEFT_JAX_DEBUG"):
-            traceback.print_exc()
-        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
-        print(f"error: bad --config override: {message}", file=sys.stderr)
-        sys.exit(2)
+    app.run(quiet_main, flags_parser=errors.parse_flags)
