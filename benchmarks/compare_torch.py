@@ -9,8 +9,9 @@ optimizer and thread count); the parent interleaves their timed steps (one JAX s
 torch step, ...) so that machine noise hits both alike, and reports medians after warm-up,
 the ratio, peak memory (resident set on CPU, device peak on GPU), optimizer-state bytes per
 trainable parameter, and for JAX the FLOP utilisation (XLA's cost analysis of the step) against
-the matmul ceiling measured in the same run. For the ``--glibc_cases`` a third worker runs JAX
-without tcmalloc. The last line printed is one JSON object: per case, ``<case>_speedup`` (torch's step time
+the matmul ceiling measured in the same run. For the ``--allocator_cases`` more JAX workers run
+the same step under each other malloc (tcmalloc, mimalloc, glibc: ``peft_jax/allocator.py``),
+interleaved with the rest, into a section of their own. The last line printed is one JSON object: per case, ``<case>_speedup`` (torch's step time
 over JAX's) and ``<case>_memory_ratio`` (JAX's peak memory in the timed steps over torch's).
 """
 from __future__ import annotations
@@ -300,12 +301,13 @@ def worker_main(framework: str, case: str, threads: int) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
-def start(worker: str, case: str, threads: int, tcmalloc: str | None) -> subprocess.Popen:
-    """worker: 'jax' (with tcmalloc when installed), 'jax_glibc' or 'torch'."""
-    env = dict(os.environ, PEFT_JAX_TCMALLOC="0")
-    env.pop("LD_PRELOAD", None)
-    if worker == "jax" and tcmalloc:
-        env["LD_PRELOAD"] = tcmalloc
+def start(worker: str, case: str, threads: int, malloc: tuple[str, str | None]) -> subprocess.Popen:
+    """worker: 'jax' or 'jax_<allocator>' (JAX under ``malloc``, (name, library), set as the launchers
+    set it) or 'torch' (the default allocator)."""
+    from peft_jax import allocator
+
+    env = allocator.preload_env(*(("default", None) if worker == "torch" else malloc), os.environ)
+    env["PEFT_JAX_ALLOCATOR"] = "default"  # the worker does not re-execute itself
     if settings()["device"] == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     framework = "torch" if worker == "torch" else "jax"
@@ -317,9 +319,13 @@ def start(worker: str, case: str, threads: int, tcmalloc: str | None) -> subproc
     return proc
 
 
-def measure(case: str, steps: int, warmup: int, threads: int, tcmalloc: str | None, glibc: bool) -> dict:
-    names = ("jax", "torch") + (("jax_glibc",) if glibc and tcmalloc else ())
-    workers = {name: start(name, case, threads, tcmalloc) for name in names}
+def measure(case: str, steps: int, warmup: int, threads: int, mallocs: dict[str, str | None]) -> dict:
+    """``mallocs``: allocator name -> library, the first for the 'jax' worker, each other one for a
+    'jax_<name>' worker."""
+    (main_name, main_lib), *others = mallocs.items()
+    workers = {"jax": start("jax", case, threads, (main_name, main_lib)),
+               "torch": start("torch", case, threads, ("default", None))}
+    workers.update({f"jax_{name}": start(f"jax_{name}", case, threads, (name, lib)) for name, lib in others})
     times = {name: [] for name in workers}
     for i in range(warmup + steps):
         if i == warmup:
@@ -334,7 +340,7 @@ def measure(case: str, steps: int, warmup: int, threads: int, tcmalloc: str | No
             if i >= warmup:
                 times[name].append(seconds)
     batch = settings()["batch"]
-    result = {"case": case, "batch": batch}
+    result = {"case": case, "batch": batch, "allocator": main_name}
     for name, proc in workers.items():
         proc.stdin.write("done\n")
         proc.stdin.flush()
@@ -383,23 +389,20 @@ def write_markdown(results: list[dict], command: str, allocator: str, path: path
         "",
         f"| case | JAX img/s | torch img/s | JAX / torch | JAX {memory} | torch {memory} | "
         + ("" if gpu else "peak RSS GB in the timed steps, JAX / torch | JAX scratch GB | ")
-        + "optimizer B/param JAX / torch | JAX FLOP utilisation | JAX without tcmalloc |",
-        "|---|---:|---:|---:|---:|---:|" + ("" if gpu else "---:|---:|") + "---:|---:|---:|",
+        + "optimizer B/param JAX / torch | JAX FLOP utilisation |",
+        "|---|---:|---:|---:|---:|---:|" + ("" if gpu else "---:|---:|") + "---:|---:|",
     ]
     for r in results:
         j, t = r["jax"], r["torch"]
         mem_j, mem_t = (j["device_peak_bytes"], t["device_peak_bytes"]) if gpu else (j["peak_rss_bytes"],
                                                                                      t["peak_rss_bytes"])
-        glibc = r.get("jax_glibc")
-        glibc_cell = f"{glibc['images_per_s']:.2f} img/s ({glibc['median_s'] / j['median_s']:.2f}x the step time)" \
-            if glibc else ""
         lines.append(
             f"| {r['case']} | {j['images_per_s']:.2f} | {t['images_per_s']:.2f} | {r['speedup']:.2f}x | "
             f"{_gb(mem_j)} | {_gb(mem_t)} | "
             + ("" if gpu else f"{_gb(j['step_peak_rss_bytes'])} / {_gb(t['step_peak_rss_bytes'])} | "
                               f"{_gb(j['xla_temp_bytes'])} | ")
             + f"{j['opt_bytes_per_param']:.2f} / {t['opt_bytes_per_param']:.2f} | "
-            f"{100 * r['jax_utilisation']:.0f}% | {glibc_cell} |")
+            f"{100 * r['jax_utilisation']:.0f}% |")
     if results:
         j = results[0]["jax"]
         lines += ["", f"FLOP utilisation = XLA's cost analysis of the compiled step / step time / the matmul ceiling "
@@ -412,6 +415,29 @@ def write_markdown(results: list[dict], command: str, allocator: str, path: path
             lines += ["", f"MFU against the {peak_tflops:g} TFLOP/s datasheet peak: {mfu}."]
     heading = "## GPU train step vs PyTorch" if gpu else "## Train step vs PyTorch"
     write_section(path, heading, "\n".join(lines) + "\n")
+    if any(k.startswith("jax_") for r in results for k in r):
+        write_section(path, ALLOCATOR_HEADING, allocator_markdown(results, command, where))
+
+
+ALLOCATOR_HEADING = "## JAX step time by allocator (`benchmarks/compare_torch.py`)"
+
+
+def allocator_markdown(results: list[dict], command: str, where: str) -> str:
+    """The ``--allocator_cases`` table: each allocator's step time against the launchers' choice."""
+    lines = [ALLOCATOR_HEADING, "", f"Command: `{command}`  ",
+             f"Date: {datetime.date.today()}; CPU: {where}; load average {os.getloadavg()[0]:.1f} at the end; "
+             "one worker process per allocator, interleaved steps, medians after warm-up.", "",
+             "| case | allocator | JAX img/s | step time / the first row's | peak RSS GB in the timed steps |",
+             "|---|---|---:|---:|---:|"]
+    for r in results:
+        runs = [(r["allocator"], r["jax"])] + [(k.removeprefix("jax_"), v) for k, v in r.items()
+                                               if k.startswith("jax_") and isinstance(v, dict)]
+        if len(runs) == 1:
+            continue
+        for name, w in runs:
+            lines.append(f"| {r['case']} | {name} | {w['images_per_s']:.2f} | {w['median_s'] / r['jax']['median_s']:.2f}x "
+                         f"| {_gb(w['step_peak_rss_bytes'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -424,8 +450,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="datasheet peak for an MFU line (bf16)")
-    parser.add_argument("--glibc_cases", default="vit_b16_lora_fp32,resnet50_full_fp32",
-                        help="cases also timed with JAX on glibc malloc (CPU only)")
+    parser.add_argument("--allocator_cases", default="vit_b16_lora_fp32,resnet50_full_fp32",
+                        help="cases also timed with JAX under each other installed allocator (CPU only)")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--worker", choices=("jax", "torch"))
     parser.add_argument("--case")
@@ -434,20 +460,23 @@ def main() -> None:
         worker_main(args.worker, args.case, args.threads)
         return
     os.environ["COMPARE_BATCH"], os.environ["COMPARE_DEVICE"] = str(args.batch), args.device
-    from peft_jax.runtime import find_tcmalloc
+    from peft_jax import allocator as malloc
 
-    tcmalloc = find_tcmalloc() if args.device == "cpu" else None
-    allocator = f"tcmalloc ({tcmalloc})" if tcmalloc else (
-        "the platform's" if args.device == "gpu" else "glibc malloc (libtcmalloc-minimal4 not installed)")
+    chosen = malloc.choose(os.environ) if args.device == "cpu" else ("default", None)
+    others = {n: f() for n, f in malloc.FINDERS.items() if n != chosen[0]} | {"default": None}
+    others = {n: lib for n, lib in others.items() if n != chosen[0] and (lib or n == "default")}
+    allocator = f"{chosen[0]} ({chosen[1]})" if chosen[1] else (
+        "the platform's" if args.device == "gpu" else "glibc malloc (no tcmalloc or mimalloc installed)")
     cases = (args.cases or ",".join(GPU_CASES if args.device == "gpu" else CPU_CASES)).split(",")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise SystemExit(f"unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
-    glibc_cases = set(args.glibc_cases.split(",")) if args.glibc_cases else set()
+    allocator_cases = set(args.allocator_cases.split(",")) if args.allocator_cases and args.device == "cpu" else set()
     results = []
     for case in cases:
         print(f"[compare_torch] {case} ...", file=sys.stderr, flush=True)
-        r = measure(case, args.steps, args.warmup, args.threads, tcmalloc, case in glibc_cases)
+        mallocs = {chosen[0]: chosen[1], **(others if case in allocator_cases else {})}
+        r = measure(case, args.steps, args.warmup, args.threads, mallocs)
         print(f"[compare_torch] {case}: JAX {r['jax']['images_per_s']:.2f} img/s, torch "
               f"{r['torch']['images_per_s']:.2f} img/s, {r['speedup']:.2f}x", file=sys.stderr, flush=True)
         results.append(r)

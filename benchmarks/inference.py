@@ -63,7 +63,7 @@ def main() -> None:
 
     from peft_jax.runtime import setup
 
-    setup()  # tcmalloc, as the launch scripts use it
+    setup()  # the allocator the launch scripts use
     import jax
     from flax import nnx
 

@@ -33,9 +33,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks_md import write_section  # noqa: E402  (beside this script)
-from peft_jax import runtime  # noqa: E402
+from peft_jax import allocator, runtime  # noqa: E402
 
-runtime.setup()  # tcmalloc, as launch/train.py uses it
+runtime.setup()  # the allocator launch/train.py uses
 
 BATCH, SIZE = 8, 224
 HEADING = "## Input pipeline vs train step (`benchmarks/input_pipeline.py`)"
@@ -126,10 +126,9 @@ def environment() -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.machine())
-    allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
     return {"date": str(datetime.date.today()), "cpu": cpu, "cores": os.cpu_count(),
             "python": platform.python_version(), "jax": jax.__version__, "grain": metadata.version("grain"),
-            "pillow": metadata.version("pillow"), "allocator": allocator}
+            "pillow": metadata.version("pillow"), "allocator": allocator.loaded()}
 
 
 def markdown(result: dict, command: str) -> str:

@@ -137,13 +137,10 @@ def torch_profile(case: str, steps: int) -> dict:
 
 
 def run_worker(framework: str, case: str, steps: int, threads: int) -> dict:
-    env = dict(os.environ, PEFT_JAX_TCMALLOC="0", JAX_PLATFORMS="cpu")
-    env.pop("LD_PRELOAD", None)
-    if framework == "jax":
-        from peft_jax.runtime import find_tcmalloc
+    from peft_jax import allocator
 
-        if find_tcmalloc():
-            env["LD_PRELOAD"] = find_tcmalloc()
+    malloc = allocator.choose(os.environ) if framework == "jax" else ("default", None)  # as the launchers run
+    env = dict(allocator.preload_env(*malloc, os.environ), PEFT_JAX_ALLOCATOR="default", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, __file__, "--worker", framework, "--cases", case, "--steps", str(steps),
                           "--threads", str(threads)], env=env, capture_output=True, text=True)
     if out.returncode:

@@ -1,41 +1,20 @@
 """Process set-up shared by the launch scripts: the allocator and friendly errors.
 
-XLA:CPU frees and re-allocates its scratch buffer every step; with glibc malloc that
-costs page faults (0.7 s per ViT-B step measured here), with tcmalloc it does not. When
-tcmalloc is installed and not loaded yet, ``setup()`` re-executes the script with it
-preloaded (set ``PEFT_JAX_TCMALLOC=0`` to opt out).
+``setup()`` re-executes the script under tcmalloc or mimalloc (``peft_jax/allocator.py`` says why
+and how to choose; ``PEFT_JAX_ALLOCATOR=default`` opts out).
 """
 from __future__ import annotations
 
-import ctypes.util
-import glob
 import os
 import sys
-import traceback
 from collections.abc import Callable
 
-TCMALLOC_GLOBS = ("/usr/lib/*/libtcmalloc_minimal.so.4", "/usr/lib/*/libtcmalloc.so.4", "/usr/lib/libtcmalloc*.so*")
-
-
-def find_tcmalloc() -> str | None:
-    for pattern in TCMALLOC_GLOBS:
-        found = sorted(glob.glob(pattern))
-        if found:
-            return found[0]
-    name = ctypes.util.find_library("tcmalloc_minimal")
-    return name
+from peft_jax import allocator
 
 
 def setup() -> None:
-    if os.environ.get("PEFT_JAX_TCMALLOC", "1") == "0" or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        return
-    lib = find_tcmalloc()
-    if lib is None or not os.path.isabs(lib):
-        return
-    env = dict(os.environ, LD_PRELOAD=(lib + " " + os.environ.get("LD_PRELOAD", "")).strip())
-    print(f"[peft_jax] using tcmalloc ({lib}); set PEFT_JAX_TCMALLOC=0 to use the default allocator", file=sys.stderr)
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    """Runs the script under a malloc that keeps XLA's scratch buffer (may re-execute it)."""
+    allocator.reexec()
 
 
 # ``--config.a.b=None`` overrides, taken out of argv before absl parses it (ml_collections would parse
