@@ -7,6 +7,7 @@ same run abstractly and compiles one step (``dry_run.json``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,10 +27,11 @@ from peft_jax import data as data_lib
 from peft_jax import sharding as shd
 from peft_jax.adapters import param_report
 from peft_jax.adapters.io import save_adapter
+from peft_jax.errors import UserError
 from peft_jax.metrics import classification as metrics_lib
 from peft_jax.train import builder, step as step_lib
 from peft_jax.train.state import TrainState, setup
-from peft_jax.train.workdir import Workdir, sigterm_flag
+from peft_jax.train.workdir import NONFINITE_MARK, Workdir, sigterm_flag, writing
 
 EVAL_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "auroc", "ece", "loss")
 
@@ -38,14 +40,20 @@ class StopTrial(Exception):
     """Raised by an ``on_eval`` hook (e.g. a pruned hyper-parameter trial) to end the run after a saved evaluation."""
 
 
+POSITIVE = ("batch_size", "eval_batch_size", "num_steps", "eval_every", "checkpoint_every", "log_every")
+
+
 def check_config(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Refuses a config that cannot run, before anything is written (so nothing blocks the corrected rerun)."""
+    for key in POSITIVE:
+        value = cfg.train[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"train.{key} must be a positive integer, got {value!r}")
     if cfg.train.batch_size % num_devices:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {num_devices} devices "
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {num_devices} devices "
                          f"of the mesh (mesh.data x mesh.fsdp); use a multiple of {num_devices}")
-    if cfg.train.num_steps < 1:
-        raise ValueError(f"train.num_steps must be at least 1, got {cfg.train.num_steps}")
     if cfg.train.bn_stats not in ("update", "frozen"):
-        raise ValueError(f"train.bn_stats must be 'update' or 'frozen', got {cfg.train.bn_stats!r}")
+        raise UserError(f"train.bn_stats must be 'update' or 'frozen', got {cfg.train.bn_stats!r}")
 
 
 def _local_rows(x: np.ndarray) -> np.ndarray:
@@ -91,6 +99,15 @@ class Progress:
         return dataclasses.asdict(self)
 
 
+def _abandon(writer) -> None:
+    """Stops a tensorboardX writer whose close failed (a full disk): it would retry at exit and print a
+    traceback there, after the run's own error line."""
+    for w in (writer.all_writers or {}).values():
+        with contextlib.suppress(Exception):
+            w.event_writer._worker.stop()
+        w.event_writer._closed = True
+
+
 class Log:
     """The progress bar, ``metrics.jsonl`` and TensorBoard, written by process 0 only.
 
@@ -102,8 +119,10 @@ class Log:
         main = jax.process_index() == 0
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(workdir.path / "tb")) if main else None
-        self.jsonl = (workdir.path / "metrics.jsonl").open("a") if main else None
+        self.folder = workdir.path
+        with writing(self.folder):
+            self.writer = SummaryWriter(str(workdir.path / "tb")) if main else None
+            self.jsonl = (workdir.path / "metrics.jsonl").open("a") if main else None
         show = bool(cfg.train.progress) and main
         self.lines = show and not sys.stderr.isatty()
         self.total, self.desc = int(cfg.train.num_steps), f"{cfg.peft.method} on {cfg.dataset.name}"
@@ -129,27 +148,68 @@ class Log:
     def train_step(self, step: int, metrics: dict, best_f1: float) -> None:
         self.show(step, loss=metrics["loss"], best_f1=best_f1)
         if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.jsonl.flush()
+            with writing(self.folder):
+                self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+                self.jsonl.flush()
         self.scalars("train", metrics, step)
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
+        """Closes the files; with ``failing`` (the run is already ending on an error) a write error here is
+        dropped, so the first error is the one reported."""
         self.bar.close()
-        if self.jsonl:
-            self.jsonl.close()
-        if self.writer:
-            self.writer.close()
+        try:
+            with writing(self.folder):
+                for f in (self.jsonl, self.writer):
+                    if f:
+                        f.close()
+        except Exception:
+            if self.writer:
+                _abandon(self.writer)
+            if not failing:
+                raise
 
 
-def resume(workdir: Workdir, state: TrainState) -> Progress:
-    """The progress saved in ``checkpoints/latest`` (its state loaded into ``state``), or a fresh start."""
-    if workdir.latest_step("latest") is None:
+def choose_checkpoint(workdir: Workdir) -> str | None:
+    """The checkpoint a rerun continues from (None: from step 0), consistent whatever was killed or deleted.
+
+    At an evaluation step ``best`` is saved before ``latest``, with the same state and meta, so a ``best``
+    ahead of ``latest`` (a kill or a full disk between the two saves, or ``latest`` deleted) is the newer
+    state. A ``latest`` whose best evaluation is gone from ``best`` (deleted) can reach the uninterrupted
+    run's result only by training again: the run starts over, and says so.
+    """
+    latest, best = workdir.latest_step("latest"), workdir.latest_step("best")
+    if best is not None and (latest is None or best > latest):
+        return "best"
+    if latest is None:
+        return None
+    best_step = workdir.meta("latest")["best_step"]
+    if best_step in (-1, best, latest):  # no evaluation yet, consistent, or latest holds the best state itself
+        return "latest"
+    print(f"[resume] {workdir.path}: checkpoints/best (step {best_step}) is missing and checkpoints/latest is at "
+          f"step {latest}; the best state can only be rebuilt by training again: starting over from step 0")
+    if jax.process_index() == 0:
+        workdir.delete("latest")
+        workdir.delete("best")
+    return None
+
+
+def resume(workdir: Workdir, state: TrainState, source: str | None) -> Progress:
+    """The progress saved in checkpoint ``source`` (its state loaded into ``state``), or a fresh start.
+
+    The other checkpoint is brought level where it lags (a copy of the same state), so the next saves of
+    both continue from one step.
+    """
+    if source is None:
         return Progress()
-    restored, meta = workdir.restore("latest", state.saved())
+    restored, meta = workdir.restore(source, state.saved())
     state.load(restored)
     progress = Progress(**meta)
-    print(f"[resume] {workdir.path}: continuing from step {progress.step} (best val macro-F1 "
-          f"{progress.best_f1:.4f} at step {progress.best_step})")
+    print(f"[resume] {workdir.path}: continuing from step {progress.step} of checkpoints/{source} (best val "
+          f"macro-F1 {progress.best_f1:.4f} at step {progress.best_step})")
+    if source == "best" and workdir.latest_step("latest") != progress.step:
+        workdir.save("latest", progress.step, state.saved(), progress.meta())
+    if source == "latest" and progress.best_step == progress.step and workdir.latest_step("best") != progress.step:
+        workdir.save("best", progress.step, state.saved(), progress.meta())
     return progress
 
 
@@ -159,12 +219,14 @@ def host_metrics(step_metrics, at_step: int, cfg: ml_collections.ConfigDict, wor
     m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     if m["nonfinite"]:
         if not cfg.train.skip_nonfinite:
+            if jax.process_index() == 0:  # lets the advised fixes change on this workdir (workdir.NONFINITE_FIXES)
+                workdir.write_json(NONFINITE_MARK, {"step": at_step, "loss": m["loss"], "grad_norm": m["grad_norm"]})
             raise FloatingPointError(
                 f"non-finite loss or gradient (loss {m['loss']}, gradient norm {m['grad_norm']}) at step "
-                f"{at_step}; nothing was saved after it. The last good checkpoint is step "
+                f"{at_step}; nothing was saved after it. The last checkpoint is step "
                 f"{workdir.latest_step('latest')} in {workdir.path / 'checkpoints' / 'latest'} (best: step "
-                f"{workdir.latest_step('best')}). Lower train.lr, check the data, or set "
-                "train.skip_nonfinite=True to skip such updates.")
+                f"{workdir.latest_step('best')}). Lower train.lr, or set train.skip_nonfinite=True to skip such "
+                "updates, and rerun on this workdir (it starts over from step 0); or check the data.")
         progress.skipped_nonfinite += 1
     return m
 
@@ -227,8 +289,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: Workdir, state: TrainState, s
                     raise workdir.preempted(step)
             if pending is not None:
                 host_metrics(*pending, cfg, workdir, progress)
-    finally:
-        log.close()
+    except BaseException:
+        log.close(failing=True)
+        raise
+    log.close()
 
 
 def test_best(cfg: ml_collections.ConfigDict, workdir: Workdir, state: TrainState, steps: step_lib.Steps,
@@ -241,7 +305,7 @@ def test_best(cfg: ml_collections.ConfigDict, workdir: Workdir, state: TrainStat
     if jax.process_index() == 0:
         from tensorboardX import SummaryWriter
 
-        with SummaryWriter(str(workdir.path / "tb")) as writer:
+        with writing(workdir.path / "tb"), SummaryWriter(str(workdir.path / "tb")) as writer:
             for k in EVAL_METRICS[:-1]:
                 writer.add_scalar(f"test/{k}", test[k], best_meta["best_step"])
     return test, outputs, best_meta
@@ -272,15 +336,25 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     workdir = Workdir(workdir)
     mesh = shd.make_mesh(cfg.mesh)
     check_config(cfg, mesh.size)
-    workdir.refuse_other_experiment(cfg)
+    with workdir.locked() if jax.process_index() == 0 else contextlib.nullcontext():
+        return _run(cfg, workdir, mesh, on_eval)
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh, on_eval: Callable[[int, dict], None] | None) -> dict:
+    """``train_and_evaluate`` inside the workdir's lock: every check before the first write."""
+    start_over = workdir.refuse_other_experiment(cfg)
     data = data_lib.load_dataset(cfg.dataset, seed=cfg.seed)
     built = builder.build(cfg, data.num_classes)
     report = param_report(built.model, built.trainable)
+    workdir.bind(cfg, built.base_hash)
+    source = None if start_over else choose_checkpoint(workdir)
+    if source is not None:
+        workdir.meta(source)  # refuses another experiment's checkpoint, or other base weights, before any write
     if jax.process_index() == 0:
-        workdir.record_config(cfg)  # only now: a run that could not start leaves nothing behind
+        workdir.record_config(cfg, start_over)  # only now: a run that could not start leaves nothing behind
     state = setup(cfg, built.model, built.trainable, mesh)
     steps = step_lib.compile_steps(state, cfg.train)
-    progress = resume(workdir, state)
+    progress = resume(workdir, state, source)
     t0 = time.time()
     train(cfg, workdir, state, steps, data, progress, on_eval)
     train_seconds = time.time() - t0
@@ -288,8 +362,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     results = results_record(cfg, report, data, progress, best_meta, test, train_seconds)
     if jax.process_index() == 0:
         nnx.update(built.model, state.trainable, state.rest)
-        save_adapter(workdir.path / "adapter", built.model, built.trainable, config=cfg, base_hash=built.base_hash,
-                     extra={"class_names": list(data.class_names), "dataset": cfg.dataset.name})
+        with writing(workdir.path / "adapter"):
+            save_adapter(workdir.path / "adapter", built.model, built.trainable, config=cfg,
+                         base_hash=built.base_hash, extra={"class_names": list(data.class_names),
+                                                           "dataset": cfg.dataset.name})
         workdir.write_npz("test_predictions.npz", test_outputs)  # before results.json: a finished run has both
         workdir.write_json("results.json", results)
     return results
