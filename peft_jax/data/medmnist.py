@@ -187,6 +187,9 @@ def _split(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
     if labels.dtype.kind not in "iu":
         raise UserError(f"{where}_labels: labels of dtype {labels.dtype}, not integers; store the class indices "
                          "as integers")
+    if images.ndim not in (3, 4) or len(images) != labels.size:
+        raise UserError(f"{where}: {images.shape} images for {labels.size} labels; a MedMNIST split holds (N, S, S) or "
+                        "(N, S, S, 3) images and N labels")
     if images.ndim == 3:  # Grey-scale files store (N, S, S).
         images = images[..., None]
     return Split(images=np.ascontiguousarray(images), labels=labels.reshape(-1).astype(np.int32))

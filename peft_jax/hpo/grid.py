@@ -19,6 +19,7 @@ import ml_collections
 
 from peft_jax.config import with_values
 from peft_jax.errors import UserError
+from peft_jax.files import read_json
 from peft_jax.hpo import space as space_lib
 
 SCRATCH = "scratch"  # pseudo-method: full training from random weights (no pre-training, no init.checkpoint)
@@ -210,7 +211,7 @@ def _hyper_parameters(cfg: ml_collections.ConfigDict, cell: Cell, init: str | No
     target = _sweep_cell(cfg, cell)
     sweep_dir = workdir / "runs" / target.path / "sweep"
     summary_path = sweep_dir / "sweep_results.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    summary = read_json(summary_path, f"delete {sweep_dir} to search again") if summary_path.is_file() else None
     if summary is None or summary["best_params"] is None:
         from peft_jax.hpo import sweep as sweep_lib  # optuna: only a searched grid needs it
 

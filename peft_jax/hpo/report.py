@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from peft_jax.files import read_json
 from peft_jax.hpo import findings
 
 COLUMNS = ["model", "dataset", "method", "data_fraction", "seed", "test_macro_f1", "test_accuracy",
@@ -28,8 +29,8 @@ def rows_from_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
                            "data_fraction": cell.fraction, "seed": rec["seed"], "error": rec["error"]})
             continue
         run_dir = pathlib.Path(rec["run_dir"])
-        r = json.loads((run_dir / "results.json").read_text())
-        wall = json.loads((run_dir / "wall.json").read_text())["wall_seconds"]
+        fix = f"delete {run_dir} and rerun the command to train it again"
+        r, wall = read_json(run_dir / "results.json", fix), read_json(run_dir / "wall.json", fix)["wall_seconds"]
         row = {"model": cell.model, "dataset": cell.dataset, "method": cell.method, "data_fraction": cell.fraction,
                "seed": rec["seed"], "val_macro_f1": r["val"].get("macro_f1"), "wall_seconds": round(wall, 1),
                "hparams": json.dumps(rec["hparams"], sort_keys=True), "run_dir": str(run_dir)}
@@ -183,7 +184,7 @@ def _explanations(rows: list[dict]) -> list[tuple[dict, dict]]:
     for r in rows:
         path = pathlib.Path(r["run_dir"]) / "explanations.json"
         if path.is_file():
-            out.append((r, json.loads(path.read_text())))
+            out.append((r, read_json(path, "delete it and rerun the command to explain the run again")))
     return out
 
 
