@@ -12,7 +12,9 @@ from flax import nnx
 from peft_jax.checkpoints import efficientnet as efficientnet_ckpt
 from peft_jax.checkpoints import resnet as resnet_ckpt
 from peft_jax.checkpoints import vit as vit_ckpt
-from peft_jax.checkpoints.core import CheckpointError, KeyMapper, build, check_fit, decide_head, expected_shapes
+from peft_jax.checkpoints.core import (
+    CheckpointError, KeyMapper, abstract_model, build, check_fit, decide_head, expected_shapes,
+)
 from peft_jax.checkpoints.formats import LAYOUTS, Checkpoint, read_checkpoint
 from peft_jax.checkpoints.hub import repo_overrides
 from peft_jax.checkpoints.registry import resolve_checkpoint
@@ -78,7 +80,7 @@ def _load_efficientnet(arch: str, ckpt: Checkpoint, *, num_classes: int | None, 
         return EfficientNet(cfg, rngs=r)
 
     # Dropout and stochastic depth draw from their own streams: seeded from `rngs`, not from the file.
-    streams = tuple(p for p, v in nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: ctor(nnx.Rngs(0))), nnx.RngState)))
+    streams = tuple(p for p, v in nnx.to_flat_state(nnx.state(abstract_model(ctor), nnx.RngState)))
     fresh = (HEAD if reinit else ()) + streams
     check_fit(where, m, converted, expected_shapes(ctor), fresh=fresh)
     return build(ctor, {p: a for p, (_, a) in converted.items()}, fresh=fresh, rngs=rngs)
