@@ -254,6 +254,38 @@ def test_unwritable_workdir_is_one_error(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def one_error_line(out, folder):
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(folder) in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) <= 2, out.stderr[-2000:]
+
+
+def cli_in_tmpfs(tmp_path, options):
+    """launch/train.py into a fresh tmpfs remounted with ``options``."""
+    disk = tmp_path / "disk"
+    mounted_tmpfs(disk, "64k")
+    try:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(disk)], check=True)
+        return disk, subprocess.run(cli(disk / "w"), capture_output=True, text=True, timeout=300,
+                                    env=dict(os.environ, PEFT_JAX_TCMALLOC="0"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_read_only_disk_is_one_error_line(shared_data, tmp_path):
+    disk, out = cli_in_tmpfs(tmp_path, "ro")
+    one_error_line(out, disk)
+    assert "Read-only file system" in out.stderr
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_error_line(shared_data, tmp_path):
+    disk, out = cli_in_tmpfs(tmp_path, "size=120k")
+    one_error_line(out, disk / "w" / "checkpoints")
+    assert "No space left on device" in out.stderr
+
+
 HOLDER = ("import sys, time, pathlib; from peft_jax.train.workdir import acquire_lock; "
           "acquire_lock(pathlib.Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)")
 
