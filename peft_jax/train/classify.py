@@ -1,9 +1,9 @@
 """One classification experiment, the run behind ``launch/train.py``: train, early-stop, test the best.
 
-Writes into the workdir (peft_jax/train/workdir.py): ``config.json``, ``checkpoints/{latest,best}``
-(a rerun of the same command continues from ``latest``), ``metrics.jsonl`` and ``tb/`` (the logged
-training metrics), ``adapter/`` and ``results.json`` (the contract of DESIGN.md). ``dry_run`` builds the
-same run abstractly and compiles one step (``dry_run.json``).
+Writes into the workdir (peft_jax/train/workdir.py): ``run.lock`` while it runs, ``config.json``,
+``checkpoints/{latest,best}`` (a rerun of the same command continues from the newer of the two),
+``metrics.jsonl`` and ``tb/`` (the logged training metrics), ``adapter/`` and ``results.json`` (the contract
+of DESIGN.md). ``dry_run`` builds the same run abstractly and compiles one step (``dry_run.json``).
 """
 from __future__ import annotations
 
