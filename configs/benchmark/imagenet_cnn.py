@@ -4,7 +4,7 @@ fine-tuning and training from scratch, to five medical datasets at label fractio
 
     export PEFT_JAX_DATA=/path/to/shared/data   # busi_full/, ham10000_full/, chest_xray_full/, medmnist/
     JAX_COMPILATION_CACHE_DIR=runs/jax_cache python launch/benchmark.py \
-        --config configs/benchmark/imagenet_cnn.py --workdir runs/imagenet_cnn --report_dir results/imagenet_cnn
+        --config configs/benchmark/imagenet_cnn.py --workdir runs/imagenet_cnn --report_dir results/imagenet_cnn/lite
 
 Protocol (this project's choices, sized for 2 CPU cores; see results/imagenet_cnn/report.md):
 - Learning rate (and weight decay) per method and dataset from one small ASHA sweep on validation
@@ -83,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def busi_cpu(c: ml_collections.ConfigDict) -> None:
     """The slice that fits one 2-core session (about an hour): BUSI at 2%, 10% and 100% of the labels,
-    64 px, seven methods, seeds 0 and 1, 3-trial sweeps. The committed results/imagenet_cnn/ report;
+    64 px, seven methods, seeds 0 and 1, 3-trial sweeps. The committed results/imagenet_cnn/busi/ report;
     `--config.benchmark.seeds=0,1,2` adds the third seed to the same workdir."""
     c.model.image_size = 64
     c.benchmark.methods = "linear,full,bitfit,bn_tune,ssf,tsa,scratch"
@@ -100,7 +100,9 @@ def busi_cpu(c: ml_collections.ConfigDict) -> None:
 def ham_cpu(c: ml_collections.ConfigDict) -> None:
     """The HAM10000 slice for one 2-core session: 2%, 10% and 100% of the labels, 96 px (so that Grad-CAM's
     last stage is 3x3, not 2x2), six methods, seeds 0 and 1, 3-trial sweeps, at most 200 steps (about one
-    epoch at 100%), and explanations of 32 test images per run scored against the lesion masks."""
+    epoch at 100%), and explanations of 32 test images per run scored against the lesion masks. The
+    committed results/imagenet_cnn/ham10000/ report ran linear, full and SSF at 2% and 100%
+    (`--config.benchmark.methods=linear,full,ssf --config.benchmark.fractions=0.02,1.0`)."""
     busi_cpu(c)
     c.model.image_size = 96
     c.benchmark.methods = "linear,full,bitfit,bn_tune,ssf,tsa"
