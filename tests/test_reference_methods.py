@@ -719,7 +719,7 @@ def test_svdiff_matches_svdiff_pytorch(kind):
 
     # the kernel / scale is frozen; the reference takes its SVD as constants
     diffs = compare_tokens(module, reference, x, frozen=("base/kernel", "base/scale"))
-    assert max(diffs.values()) < 1e-5, diffs
+    assert max(diffs.values()) < 3e-5, diffs  # grads of values ~8: float32 sums in another order
 
 
 def test_svdiff_shifts_every_norm_of_the_unet():

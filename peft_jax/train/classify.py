@@ -30,6 +30,7 @@ from peft_jax.adapters.io import save_adapter
 from peft_jax.errors import UserError
 from peft_jax.metrics import classification as metrics_lib
 from peft_jax.train import builder, step as step_lib
+from peft_jax.train.startup import StartupClock
 from peft_jax.train.state import TrainState, setup
 from peft_jax.train.workdir import NONFINITE_MARK, Workdir, sigterm_flag, writing
 
@@ -253,10 +254,12 @@ def validate(steps, state: TrainState, split: data_lib.Split, cfg: ml_collection
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: Workdir, state: TrainState, steps: step_lib.Steps,
-          data: data_lib.DatasetSplits, progress: Progress, on_eval: Callable[[int, dict], None] | None) -> None:
+          data: data_lib.DatasetSplits, progress: Progress, on_eval: Callable[[int, dict], None] | None,
+          clock: StartupClock | None = None) -> None:
     """Steps until ``train.num_steps`` or early stopping: logs, validates, checkpoints and honours SIGTERM.
 
-    A step's metrics are read one step late, so the host never stalls the device.
+    A step's metrics are read one step late, so the host never stalls the device. ``clock``: the
+    start-up line is printed once the first step (and with it the compilation) is dispatched.
     """
     num_steps, t = int(cfg.train.num_steps), cfg.train
     batches = data_lib.train_batches(
@@ -270,6 +273,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: Workdir, state: TrainState, s
                 batch = {k: jax.make_array_from_process_local_data(state.batch_sharding, v)
                          for k, v in next(batches).items() if k in ("image", "label")}
                 m = state.advance(steps.train, batch)
+                if clock is not None and jax.process_index() == 0:
+                    clock.mark("first batch and compilation")
+                    tqdm.tqdm.write(clock.line(), file=sys.stdout)
+                clock = None
                 progress.step += 1
                 log.bar.update(1)
                 if pending is not None:
@@ -342,9 +349,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Pa
 
 def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh, on_eval: Callable[[int, dict], None] | None) -> dict:
     """``train_and_evaluate`` inside the workdir's lock: every check before the first write."""
+    clock = StartupClock()
     start_over = workdir.refuse_other_experiment(cfg)
     data = data_lib.load_dataset(cfg.dataset, seed=cfg.seed)
+    clock.mark("data")
     built = builder.build(cfg, data.num_classes)
+    clock.mark("model")
     report = param_report(built.model, built.trainable)
     workdir.bind(cfg, built.base_hash)
     source = None if start_over else choose_checkpoint(workdir)
@@ -354,9 +364,10 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh, on_eval: Callab
         workdir.record_config(cfg, start_over)  # only now: a run that could not start leaves nothing behind
     state = setup(cfg, built.model, built.trainable, mesh)
     steps = step_lib.compile_steps(state, cfg.train)
+    clock.mark("sharding")
     progress = resume(workdir, state, source)
     t0 = time.time()
-    train(cfg, workdir, state, steps, data, progress, on_eval)
+    train(cfg, workdir, state, steps, data, progress, on_eval, clock)
     train_seconds = time.time() - t0
     test, test_outputs, best_meta = test_best(cfg, workdir, state, steps, data.test)
     results = results_record(cfg, report, data, progress, best_meta, test, train_seconds)
