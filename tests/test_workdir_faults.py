@@ -341,3 +341,14 @@ def test_sigkill_at_random_instants(shared_data, tmp_path):
         again = subprocess.run(cli(workdir), capture_output=True, text=True, env=env, timeout=600)
         assert again.returncode == 0, (at, again.stderr[-2000:])
         assert json.loads((workdir / "results.json").read_text())["test"] == expected, at
+
+
+def test_process_layout_is_not_the_experiment():
+    """Every process of a multi-host run checks process 0's checkpoint meta; a relaunch may get another port."""
+    one, other = base_config(), base_config()
+    one.distributed.update(enabled=True, coordinator_address="127.0.0.1:1234", num_processes=2, process_id=0)
+    other.distributed.update(enabled=True, coordinator_address="127.0.0.1:5678", num_processes=2, process_id=1)
+    assert workdir_lib.experiment_identity(one) == workdir_lib.experiment_identity(other)
+    other.train.lr = one.train.lr * 2
+    assert workdir_lib.differences(workdir_lib.experiment_identity(one),
+                                   workdir_lib.experiment_identity(other)) == ["train.lr"]

@@ -44,7 +44,11 @@ from peft_jax.errors import UserError
 # decide how long to run, how often to report or save and where the data is, never what a step computes.
 RESUMABLE_CHANGES = ("train.num_steps", "train.progress", "train.log_every", "train.checkpoint_every",
                      "train.eval_every", "dataset.num_workers", "dataset.download", "dataset.data_dir",
-                     "dataset.manual_dir", "mesh.data", "mesh.fsdp")
+                     "dataset.manual_dir", "mesh.data", "mesh.fsdp", "mesh.min_shard_size",
+                     # how the run is spread over hosts: each process has its own process_id, and a
+                     # relaunch may get another coordinator port; the losses are the same (the two-process test)
+                     "distributed.enabled", "distributed.coordinator_address", "distributed.num_processes",
+                     "distributed.process_id")
 # The fixes a NaN/Inf stop advises. After such a stop they may change, and the run then starts over from
 # step 0: the last checkpoint may already hold the overflowing weights (the check lags one step behind
 # the update), and a run that used one learning rate before its checkpoint and another after it would be
