@@ -3,6 +3,7 @@
 Parameter counts come from abstract models (``nnx.eval_shape``: shapes only, nothing is compiled);
 each failure names the README line to change and the value to write.
 """
+import functools
 import pathlib
 import re
 import subprocess
@@ -50,17 +51,34 @@ def percent_matches(shown: str, value: float) -> bool:
     return abs(float(shown) - value) <= 0.5 * 10 ** -decimals + 1e-9
 
 
+@functools.cache
+def collection() -> str:
+    """``pytest --collect-only -q`` of the suite: one node id per line, then 'N tests collected'."""
+    return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+                          cwd=ROOT, capture_output=True, text=True).stdout
+
+
 def test_stated_test_count_matches_collection():
     hits = [(i + 1, m) for i, line in enumerate(LINES) for m in re.finditer(r"(?<!-n )\b(\d+) tests\b", line)]
     assert hits, "README.md states no test count ('N tests')"
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
-                         cwd=ROOT, capture_output=True, text=True).stdout
+    out = collection()
     found = re.search(r"^(\d+) tests? collected", out, re.M)
     assert found, f"pytest --collect-only found no tests:\n{out[-2000:]}"
     collected = int(found.group(1))
     wrong = [f"README.md line {n}: change '{m.group(0)}' to '{collected} tests'" for n, m in hits
              if int(m.group(1)) != collected]
     assert not wrong, "; ".join(wrong)
+
+
+def test_slow_list_names_only_collected_tests():
+    """A renamed or deleted test left in tests/slow_tests.txt would silently stop marking anything."""
+    ids = set(collection().splitlines())
+    listed = [line.split(" ", 1)[1] for line in (ROOT / "tests" / "slow_tests.txt").read_text().splitlines()]
+    stale = [node for node in listed if node not in ids]
+    assert not stale, f"tests/slow_tests.txt names tests that no longer exist (remove those lines): {stale[:5]}"
+    stated = re.search(r"\((\d+) of them in `tests/slow_tests.txt`", " ".join(LINES))
+    assert stated and int(stated.group(1)) == len(listed), \
+        f"README.md: write '({len(listed)} of them in `tests/slow_tests.txt`'"
 
 
 def test_model_table_counts():
