@@ -116,3 +116,14 @@ def test_cnn_method_counts(model_name, column):
     for line, cells in table("| CNN method |"):
         check_counts(line, NAMES.findall(cells[0]), cells[column], cells[column + 1], model_name, wrong)
     assert not wrong, "; ".join(wrong)
+
+
+def test_quickstart_table_counts():
+    """The quickstart's trainable parameters and percentages (EfficientNet-Lite0, 2 classes)."""
+    wrong = []
+    for line, cells in table("| method | trainable params | trainable % |"):
+        if cells[0].startswith("majority class"):
+            continue
+        method = "full" if cells[0] == "full, from scratch" else cells[0]
+        check_counts(line, [method], cells[1], cells[2], "efficientnet_lite0", wrong)
+    assert not wrong, "; ".join(wrong)
