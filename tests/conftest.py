@@ -13,27 +13,34 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 
-SLOW_SECONDS = 3.0
-# Seconds per test (setup + call) on 2 cores with -n 2, from `python -m pytest -q -n 2 --durations=0 tests`
-# (each test's lines summed, those over 3 s kept), then from the same run with -m "not slow": a shared
-# fixture's set-up moves to the first unmarked test that uses it. Remeasure after adding heavy tests.
+# Tests measured over 3 s (setup + call) on 2 cores with -n 2, one "seconds node-id" per line: from
+# `python -m pytest -q -n 2 --durations=0 tests` (each test's lines summed), then from the same run with
+# -m "not slow" (a shared fixture's set-up moves to the first unmarked test). Remeasure after adding heavy tests.
 SLOW_TESTS = pathlib.Path(__file__).with_name("slow_tests.txt")
 
 
+def slow_test_ids() -> list[str]:
+    """The node ids listed in tests/slow_tests.txt."""
+    return [line.split(" ", 1)[1] for line in SLOW_TESTS.read_text().splitlines()]
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", f"slow: measured over {SLOW_SECONDS:g} s on 2 cores (tests/slow_tests.txt) or "
-                                       "marked by hand; `-m 'not slow'` is the quick development loop, CI runs everything")
+    config.addinivalue_line("markers", "slow: measured over 3 s on 2 cores (tests/slow_tests.txt) or marked by hand; "
+                                       "`-m 'not slow'` is the quick development loop, CI runs everything")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Marks the tests that tests/slow_tests.txt measured as slow."""
-    measured = {}
-    for line in SLOW_TESTS.read_text().splitlines():
-        seconds, node = line.split(" ", 1)
-        measured[node] = float(seconds)
+    """Marks the tests listed in tests/slow_tests.txt as slow."""
+    slow = set(slow_test_ids())
     for item in items:
-        if measured.get(item.nodeid, 0.0) > SLOW_SECONDS:
+        if item.nodeid in slow:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(name="slow_test_ids")
+def slow_test_ids_fixture() -> list[str]:
+    """The slow list, for the test that checks it against the collection and the README."""
+    return slow_test_ids()
 
 
 @pytest.fixture(scope="session")
