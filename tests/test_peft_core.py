@@ -145,3 +145,15 @@ def test_optimizer_state_only_for_trainable_and_grouped():
     with pytest.raises(ValueError, match="train.lr_mults: each entry must be"):
         train_cfg.lr_mults = (("^head/",),)
         optim.make_optimizer(train_cfg)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 40, 8), (7,), (1, 1, 96, 4), (0, 5)])
+def test_bucketed_draw_equals_the_direct_draw(shape):
+    """Adapters draw their initial values through core.draw (one compile per size bucket): the same values."""
+    from peft_jax.adapters.core import draw
+
+    key = jax.random.key(11)
+    direct = jax.random.uniform(key, shape, jnp.float32, -0.3, 0.3)
+    np.testing.assert_array_equal(np.asarray(draw(jax.random.uniform, key, shape, -0.3, 0.3)), np.asarray(direct))
+    traced = jax.jit(lambda k: draw(jax.random.normal, k, shape))(key)
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(jax.random.normal(key, shape, jnp.float32)))

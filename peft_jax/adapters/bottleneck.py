@@ -27,7 +27,8 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import (
-    METHODS, AdapterParam, Method, adapter_dropout, adapter_variables, any_of, leading_shape, register, wrap_modules,
+    METHODS, AdapterParam, Method, adapter_dropout, adapter_variables, any_of, draw, leading_shape, register,
+    wrap_modules,
 )
 from peft_jax.errors import UserError
 from peft_jax.models.vit import Block
@@ -66,7 +67,7 @@ class Bottleneck(nnx.Module):
             down = 0.01 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
         else:  # Kaiming-uniform with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))
             bound = 1.0 / math.sqrt(dim)
-            down = jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+            down = draw(jax.random.uniform, rngs.params(), shape, -bound, bound)
         self.down_kernel = AdapterParam(down)
         self.down_bias = AdapterParam(jnp.zeros(lead + (hidden,), jnp.float32))
         self.up_kernel = AdapterParam(up)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from peft_jax.adapters.core import AdapterParam, Method, adapter_dropout, adapter_variables, is_scanned, register, wrap_modules
+from peft_jax.adapters.core import AdapterParam, Method, adapter_dropout, adapter_variables, draw, is_scanned, register, wrap_modules
 from peft_jax.errors import UserError
 from peft_jax.models.vit import Attention, Mlp
 
@@ -34,7 +34,7 @@ class ConvpassBranch(nnx.Module):
         self.base = base
         self.prefix = prefix
         self.scale = scale
-        self.down_kernel = AdapterParam(jax.random.uniform(rngs.params(), lead + (dim, rank), jnp.float32, -bound, bound))
+        self.down_kernel = AdapterParam(draw(jax.random.uniform, rngs.params(), lead + (dim, rank), -bound, bound))
         self.down_bias = AdapterParam(jnp.zeros(lead + (rank,), jnp.float32))
         centre = jnp.zeros((3, 3, rank, rank), jnp.float32).at[1, 1].set(jnp.eye(rank))
         self.conv_kernel = AdapterParam(jnp.broadcast_to(centre, lead + centre.shape))

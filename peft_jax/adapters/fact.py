@@ -33,7 +33,7 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import (
-    AdapterParam, Method, SharedAdapterParam, adapter_dropout, adapter_variables, iter_wrapped, leading_shape,
+    AdapterParam, Method, SharedAdapterParam, adapter_dropout, adapter_variables, draw, iter_wrapped, leading_shape,
     modules_matching, register, replace_module,
 )
 from peft_jax.errors import UserError
@@ -47,13 +47,13 @@ class FacTShared(nnx.Module):
 
     def __init__(self, width: int, rank: int, tucker: bool, num_cores: int, dropout: nnx.Dropout, *, rngs: nnx.Rngs):
         bound = 1.0 / math.sqrt(width)  # nn.Linear's default (Kaiming-uniform, a=sqrt(5))
-        self.u = SharedAdapterParam(jax.random.uniform(rngs.params(), (width, rank), jnp.float32, -bound, bound))
+        self.u = SharedAdapterParam(draw(jax.random.uniform, rngs.params(), (width, rank), -bound, bound))
         self.v = SharedAdapterParam(jnp.zeros((rank, width), jnp.float32))
         self.tucker = tucker
         if tucker:  # Xavier-uniform on (r, r, r): fans r*r and r*r
             g = math.sqrt(6.0 / (2 * rank * rank))
             self.core_tensor = SharedAdapterParam(
-                jax.random.uniform(rngs.params(), (rank, rank, rank), jnp.float32, -g, g))
+                draw(jax.random.uniform, rngs.params(), (rank, rank, rank), -g, g))
             # P is one (r, num_cores) Xavier-uniform matrix in the paper; each layer holds its own columns.
             self.p_bound = math.sqrt(6.0 / (rank + num_cores))
         self.dropout = dropout
@@ -78,12 +78,12 @@ class FacTLinear(nnx.Module):
         # fact_tk's official MLP cores (module docstring): fc1 is one row of blocks, fc2 one column.
         self.official_mlp = official_mlp and n > 1 and 1 in self.blocks
         if shared.tucker:
-            self.p = AdapterParam(jax.random.uniform(rngs.params(), lead + (rank, n), jnp.float32,
-                                                     -shared.p_bound, shared.p_bound))
+            self.p = AdapterParam(draw(jax.random.uniform, rngs.params(), lead + (rank, n),
+                                       -shared.p_bound, shared.p_bound))
         else:  # one nn.Linear(r * nin, r * nout, bias=False) per layer in the reference code
             bound = 1.0 / math.sqrt(rank * self.blocks[0])
-            self.cores = AdapterParam(jax.random.uniform(rngs.params(), lead + self.blocks + (rank, rank),
-                                                         jnp.float32, -bound, bound))
+            self.cores = AdapterParam(draw(jax.random.uniform, rngs.params(), lead + self.blocks + (rank, rank),
+                                           -bound, bound))
 
     def core(self) -> jax.Array:
         """(..., nin, nout, r, r), with the stacked layer axis of a scanned model in front when merging."""

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from peft_jax.adapters.core import AdapterParam, Method, adapter_variables, iter_wrapped, leading_shape, register, replace_module, wrap_modules
+from peft_jax.adapters.core import AdapterParam, Method, adapter_variables, draw, iter_wrapped, leading_shape, register, replace_module, wrap_modules
 from peft_jax.errors import UserError
 
 # Presets for ``peft.targets``; anything else is used as a regex on module paths.
@@ -30,7 +30,7 @@ def _lora_factors(kernel: jax.Array, rank: int, rngs: nnx.Rngs) -> tuple[nnx.LoR
     lead = leading_shape(kernel, 2)
     din, dout = kernel.shape[-2:]
     bound = 1.0 / math.sqrt(din)
-    a = nnx.LoRAParam(jax.random.uniform(rngs.params(), lead + (din, rank), jnp.float32, -bound, bound))
+    a = nnx.LoRAParam(draw(jax.random.uniform, rngs.params(), lead + (din, rank), -bound, bound))
     return a, nnx.LoRAParam(jnp.zeros(lead + (rank, dout), jnp.float32))
 
 

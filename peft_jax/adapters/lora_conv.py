@@ -25,7 +25,7 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.cnn import Geometry, dense_convs
-from peft_jax.adapters.core import Method, Path, adapter_variables, iter_wrapped, register, replace_module, wrap_modules
+from peft_jax.adapters.core import Method, Path, adapter_variables, draw, iter_wrapped, register, replace_module, wrap_modules
 from peft_jax.errors import UserError
 
 PRESETS = ("blocks", "all")  # the dense convolutions of the residual blocks / of the whole backbone
@@ -51,7 +51,7 @@ class LoRAConv(nnx.Module):
         self.scaling = alpha / rank
         # Kaiming-uniform with a=sqrt(5), as torch initialises the down convolution: U(+-1/sqrt(fan_in)).
         bound = 1.0 / math.sqrt(kh * kw * cin)
-        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (kh, kw, cin, rank), jnp.float32, -bound, bound))
+        self.lora_a = nnx.LoRAParam(draw(jax.random.uniform, rngs.params(), (kh, kw, cin, rank), -bound, bound))
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, cout), jnp.float32))
 
     def delta(self) -> jax.Array:

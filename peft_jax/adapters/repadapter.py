@@ -16,8 +16,8 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import (
-    AdapterParam, Method, adapter_dropout, adapter_variables, get_module, iter_wrapped, leading_shape, path_str,
-    register, replace_module, wrap_modules,
+    AdapterParam, Method, adapter_dropout, adapter_variables, draw, get_module, iter_wrapped, leading_shape,
+    path_str, register, replace_module, wrap_modules,
 )
 from peft_jax.errors import UserError
 
@@ -34,7 +34,7 @@ class RepAdapterNorm(nnx.Module):
         bound = math.sqrt(6.0 / (dim + rank))  # Xavier-uniform of a (rank, dim, 1) Conv1d kernel
         self.base = base
         self.scale = scale
-        self.down_kernel = AdapterParam(jax.random.uniform(rngs.params(), lead + (dim, rank), jnp.float32, -bound, bound))
+        self.down_kernel = AdapterParam(draw(jax.random.uniform, rngs.params(), lead + (dim, rank), -bound, bound))
         self.down_bias = AdapterParam(jnp.zeros(lead + (rank,), jnp.float32))
         self.up_kernel = AdapterParam(jnp.zeros(lead + (groups, rank // groups, dim // groups), jnp.float32))
         self.up_bias = AdapterParam(jnp.zeros(lead + (dim,), jnp.float32))

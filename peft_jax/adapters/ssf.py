@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from peft_jax.adapters.cnn import fold_into_head, wrap_pool
@@ -32,8 +33,14 @@ class SSF(nnx.Module):
     def __init__(self, base: nnx.Module, *, init_std: float, rngs: nnx.Rngs, features: int | None = None):
         lead, dim = _out_features(base) if features is None else ((), features)
         self.base = base
-        self.ssf_scale = AdapterParam(1.0 + init_std * jax.random.normal(rngs.params(), lead + (dim,), jnp.float32))
-        self.ssf_shift = AdapterParam(init_std * jax.random.normal(rngs.params(), lead + (dim,), jnp.float32))
+        shape = lead + (dim,)
+        scale_key, shift_key = rngs.params(), rngs.params()  # drawn either way: the stream stays where it was
+        if init_std == 0.0:  # the identity start (CNNs): no random draw, whose per-shape compile costs ~0.1 s each
+            self.ssf_scale = AdapterParam(jnp.asarray(np.ones(shape, np.float32)))
+            self.ssf_shift = AdapterParam(jnp.asarray(np.zeros(shape, np.float32)))
+            return
+        self.ssf_scale = AdapterParam(1.0 + init_std * jax.random.normal(scale_key, shape, jnp.float32))
+        self.ssf_shift = AdapterParam(init_std * jax.random.normal(shift_key, shape, jnp.float32))
 
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
         y = self.base(x, *args, **kwargs)

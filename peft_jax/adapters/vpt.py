@@ -22,7 +22,7 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import (
-    AdapterParam, Method, adapter_dropout, adapter_variables, leading_shape, register, wrap_modules,
+    AdapterParam, Method, adapter_dropout, adapter_variables, draw, leading_shape, register, wrap_modules,
 )
 from peft_jax.errors import UserError
 from peft_jax.models.vit import Block
@@ -32,7 +32,7 @@ def _prompts(model: nnx.Module, lead: tuple[int, ...], num_tokens: int, rngs: nn
     cfg = model.config
     bound = math.sqrt(6.0 / (3 * cfg.patch_size**2 + cfg.hidden_size))
     shape = lead + (num_tokens, cfg.hidden_size)
-    return AdapterParam(jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound))
+    return AdapterParam(draw(jax.random.uniform, rngs.params(), shape, -bound, bound))
 
 
 class PromptedBlock(nnx.Module):
