@@ -217,16 +217,45 @@ def peft_config(method: str, **fields):
     return c
 
 
-def perturb_adapters(model, seed: int = 7) -> None:
-    """Moves the adapter variables away from their initialisation so a merge has something to fold."""
+def nudge(model, state, seed: int, scale: float) -> None:
+    """Adds ``scale`` times a standard normal draw to every leaf of ``state`` (a state of ``model``), so that
+    trained-looking values replace an identity initialisation; one compile per size bucket (models/init.py)."""
     import jax
+    from flax import nnx
+
+    from peft_jax.models.init import draw
+
+    keys = iter(jax.random.split(jax.random.key(seed), 1000))
+    nnx.update(model, jax.tree.map(lambda x: x + scale * draw(jax.random.normal, next(keys), x.shape), state))
+
+
+def perturb_adapters(model, seed: int = 7, scale: float = 0.05) -> None:
+    """Moves the adapter variables away from their initialisation so a merge has something to fold."""
     from flax import nnx
 
     from peft_jax.adapters import ADAPTER_TYPES
 
-    state = nnx.state(model, nnx.Any(*ADAPTER_TYPES))
+    nudge(model, nnx.state(model, nnx.Any(*ADAPTER_TYPES)), seed, scale)
+
+
+def randomize_batchnorm(model, seed: int = 5) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters and a random head, then eval mode: a CNN on which
+    a method that folds into or scales the norms shows it when it gets them wrong."""
+    import jax
+    from flax import nnx
+
+    from peft_jax.models.init import draw
+
     keys = iter(jax.random.split(jax.random.key(seed), 1000))
-    nnx.update(model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), state))
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.BatchNorm):
+            c = (m.num_features,)
+            m.mean[...] = 0.1 * draw(jax.random.normal, next(keys), c)
+            m.var[...] = draw(jax.random.uniform, next(keys), c, 0.5, 1.5)
+            m.scale[...] = draw(jax.random.uniform, next(keys), c, 0.5, 1.5)
+            m.bias[...] = 0.1 * draw(jax.random.normal, next(keys), c)
+    model.head.kernel[...] = draw(jax.random.normal, next(keys), model.head.kernel.shape)
+    model.eval()
 
 
 def assert_same_logits(after, before) -> None:

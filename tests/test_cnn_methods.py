@@ -15,7 +15,7 @@ from peft_jax.adapters import ADAPTER_TYPES, apply_peft, merge, param_report, tr
 from peft_jax.adapters.cnn import ParallelConv, centre_tap_problem
 from peft_jax.adapters.tsa import TSAConv
 from peft_jax.config import base_config
-from peft_jax.testing import assert_same_logits, perturb_adapters
+from peft_jax.testing import assert_same_logits, perturb_adapters, randomize_batchnorm
 from peft_jax.testing import peft_config as peft_cfg
 from peft_jax.models import create_model
 from peft_jax.models import resnet as resnet_lib
@@ -93,16 +93,7 @@ def test_resnet50_trainable_counts(method, kw, expected):
 def resnet18():
     """A ResNet-18 with non-trivial BatchNorm statistics and affine parameters, in eval mode."""
     model = create_model("resnet18", num_classes=2, image_size=32, rngs=nnx.Rngs(0))
-    keys = iter(jax.random.split(jax.random.key(5), 1000))
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, nnx.BatchNorm):
-            c = m.num_features
-            m.mean[...] = 0.1 * jax.random.normal(next(keys), (c,))
-            m.var[...] = jax.random.uniform(next(keys), (c,), minval=0.5, maxval=1.5)
-            m.scale[...] = jax.random.uniform(next(keys), (c,), minval=0.5, maxval=1.5)
-            m.bias[...] = 0.1 * jax.random.normal(next(keys), (c,))
-    model.head.kernel[...] = jax.random.normal(next(keys), model.head.kernel.shape)
-    model.eval()
+    randomize_batchnorm(model)
     return model
 
 

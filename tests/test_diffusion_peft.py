@@ -8,6 +8,7 @@ from flax import nnx
 
 from peft_jax.adapters import apply_peft, merge, param_report, trainable_filter
 from peft_jax.models.diffusion import UNet2DConditionModel, UNetConfig
+from peft_jax.testing import nudge
 
 LORA_TARGETS = r"attn[12]/(to_q|to_k|to_v|to_out)$"
 
@@ -127,8 +128,7 @@ def test_identity_at_init_and_merge():
     apply_peft(model, cfg, rngs=nnx.Rngs(1))
     np.testing.assert_allclose(np.asarray(_run(model, x, t, ctx)), np.asarray(want), atol=1e-5)
     added = nnx.state(model, trainable_filter(cfg))
-    keys = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(added))))
-    nnx.update(model, jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape), added))
+    nudge(model, added, 2, 0.05)
     tuned = _run(model, x, t, ctx)
     assert not np.allclose(np.asarray(tuned), np.asarray(want), atol=1e-4)
     merge(model, cfg)

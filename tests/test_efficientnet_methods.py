@@ -18,7 +18,7 @@ from peft_jax.config import base_config
 from peft_jax.models import create_model
 from peft_jax.models import efficientnet as effnet
 from peft_jax.train import builder, classify
-from peft_jax.testing import assert_same_logits, perturb_adapters, train_losses
+from peft_jax.testing import assert_same_logits, perturb_adapters, randomize_batchnorm, train_losses
 from peft_jax.testing import peft_config as peft_cfg
 
 # ----------------------------------------------------------------- Lite0 in closed form
@@ -174,16 +174,7 @@ def test_partial_trains_the_top_of_the_network():
 def lite0():
     """A Lite0 with non-trivial BatchNorm statistics and affine parameters, in eval mode."""
     model = create_model("efficientnet_lite0", num_classes=2, image_size=32, rngs=nnx.Rngs(0))
-    keys = iter(jax.random.split(jax.random.key(5), 1000))
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, nnx.BatchNorm):
-            c = m.num_features
-            m.mean[...] = 0.1 * jax.random.normal(next(keys), (c,))
-            m.var[...] = jax.random.uniform(next(keys), (c,), minval=0.5, maxval=1.5)
-            m.scale[...] = jax.random.uniform(next(keys), (c,), minval=0.5, maxval=1.5)
-            m.bias[...] = 0.1 * jax.random.normal(next(keys), (c,))
-    model.head.kernel[...] = jax.random.normal(next(keys), model.head.kernel.shape)
-    model.eval()
+    randomize_batchnorm(model)
     return model
 
 

@@ -1,7 +1,6 @@
 """The PEFT core: registry, exact counts, the trainable filter driving the gradients, merging."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -10,6 +9,7 @@ from flax import nnx
 from peft_jax.adapters import apply_peft, merge, param_report, trainable_filter
 from peft_jax.config import base_config
 from peft_jax.models import create_model
+from peft_jax.testing import perturb_adapters
 from peft_jax.train import optim, step as step_lib
 from peft_jax.train.state import split_model
 
@@ -61,14 +61,6 @@ def test_vit_b16_trainable_counts(method, expected):
     model = nnx.eval_shape(lambda: apply_peft(
         create_model("vit_b16", num_classes=2, image_size=224, rngs=nnx.Rngs(0)), cfg, rngs=nnx.Rngs(1)))
     assert param_report(model, trainable_filter(cfg))["trainable_params"] == expected
-
-
-def perturb_adapters(model):
-    """Moves adapter variables away from their identity initialisation so merging is not trivial."""
-    from peft_jax.adapters import ADAPTER_TYPES
-    state = nnx.state(model, nnx.Any(*ADAPTER_TYPES))
-    keys = iter(jax.random.split(jax.random.key(7), 1000))
-    nnx.update(model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), state))
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -145,15 +137,3 @@ def test_optimizer_state_only_for_trainable_and_grouped():
     with pytest.raises(ValueError, match="train.lr_mults: each entry must be"):
         train_cfg.lr_mults = (("^head/",),)
         optim.make_optimizer(train_cfg)
-
-
-@pytest.mark.parametrize("shape", [(3, 3, 40, 8), (7,), (1, 1, 96, 4), (0, 5)])
-def test_bucketed_draw_equals_the_direct_draw(shape):
-    """Adapters draw their initial values through core.draw (one compile per size bucket): the same values."""
-    from peft_jax.adapters.core import draw
-
-    key = jax.random.key(11)
-    direct = jax.random.uniform(key, shape, jnp.float32, -0.3, 0.3)
-    np.testing.assert_array_equal(np.asarray(draw(jax.random.uniform, key, shape, -0.3, 0.3)), np.asarray(direct))
-    traced = jax.jit(lambda k: draw(jax.random.normal, k, shape))(key)
-    np.testing.assert_array_equal(np.asarray(traced), np.asarray(jax.random.normal(key, shape, jnp.float32)))

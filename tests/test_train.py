@@ -8,10 +8,8 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from peft_jax import sharding as shd
 from peft_jax.config import base_config

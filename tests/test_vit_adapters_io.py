@@ -8,12 +8,12 @@ from flax import nnx
 
 from peft_jax.adapters import apply_peft, trainable_filter
 from peft_jax.adapters.bank import AdapterBank
-from peft_jax.adapters.core import ADAPTER_TYPES
 from peft_jax.adapters.export_hf import export_hf
 from peft_jax.adapters.io import load_adapter, save_adapter, state_hash
 from peft_jax.adapters.lora import DoRALinear
 from peft_jax.config import base_config
 from peft_jax.models import create_model, from_pretrained
+from peft_jax.testing import nudge
 
 
 def experiment(method="lora", **peft):
@@ -39,8 +39,7 @@ def fine_tuned(cfg, seed=0, num_classes=2, key=7):
     h = base_hash(model)
     apply_peft(model, cfg.peft, rngs=nnx.Rngs(1))
     state = nnx.state(model, trainable_filter(cfg.peft))
-    keys = iter(jax.random.split(jax.random.key(key), 1000))
-    nnx.update(model, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), state))
+    nudge(model, state, key, 0.1)
     model.eval()
     return model, h
 
@@ -146,8 +145,7 @@ def test_lora_export_loads_in_hugging_face_peft_with_the_same_logits(tmp_path, s
     cfg = experiment("lora", targets="all", rank=4, alpha=8.0).peft
     apply_peft(model, cfg, rngs=nnx.Rngs(1))
     state = nnx.state(model, trainable_filter(cfg))
-    keys = iter(jax.random.split(jax.random.key(3), 1000))
-    nnx.update(model, jax.tree.map(lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape), state))
+    nudge(model, state, 3, 0.2)
     model.eval()
     export_hf(model, cfg, tmp_path / "export")
 

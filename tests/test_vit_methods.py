@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from peft_jax.adapters import ADAPTER_TYPES, apply_peft, merge, param_report, trainable_filter
+from peft_jax.adapters import apply_peft, merge, param_report, trainable_filter
 from peft_jax.adapters.core import path_str
 from peft_jax.config import base_config
 from peft_jax.train import classify
 from peft_jax.models import create_model
 from peft_jax.models.vit import LayerShared
+from peft_jax.testing import perturb_adapters
 
 HEAD = 768 * 2 + 2  # ViT-B/16 with a 2-class head
 D, L, M = 768, 12, 3072
@@ -60,13 +61,6 @@ def tiny(scan=False, pool=None, seed=0):
 
 def images(n=2):
     return jax.random.normal(jax.random.key(0), (n, 32, 32, 3))
-
-
-def perturb_adapters(model, scale=0.05):
-    """Moves added variables away from their (often identity) initialisation."""
-    state = nnx.state(model, nnx.Any(*ADAPTER_TYPES))
-    keys = iter(jax.random.split(jax.random.key(7), 1000))
-    nnx.update(model, jax.tree.map(lambda x: x + scale * jax.random.normal(next(keys), x.shape), state))
 
 
 def close(a, b, tol=1e-5):
@@ -189,7 +183,7 @@ def test_adapter_dropout_in_a_scanned_model(method):
     none in eval mode, where the scanned model equals the block-by-block one."""
     cfg = peft_cfg(method, dropout=0.5, prompt_dropout=0.5)
     scan = apply_peft(tiny(True), cfg, rngs=nnx.Rngs(1))
-    perturb_adapters(scan, 0.5)
+    perturb_adapters(scan, scale=0.5)
     scan.train()
     first, second = scan(images()), scan(images())
     assert float(jnp.abs(first - second).max()) > 1e-3
@@ -252,7 +246,7 @@ def test_adapter_placements_match_a_hand_written_block():
     x = jax.random.normal(jax.random.key(1), (2, 17, 192))
     for method in ("adapter_houlsby", "adapter_pfeiffer", "adaptformer", "repadapter", "convpass", "ia3", "difffit"):
         model = apply_peft(tiny(), peft_cfg(method, dropout=0.0), rngs=nnx.Rngs(1))
-        perturb_adapters(model, 0.2)
+        perturb_adapters(model, scale=0.2)
         model.eval()
         blk = model.blocks[0]
         if method == "adaptformer":
@@ -294,7 +288,7 @@ def test_adapter_placements_match_a_hand_written_block():
 
 def test_convpass_runs_the_patch_grid_through_a_3x3_conv():
     model = apply_peft(tiny(), peft_cfg("convpass", dropout=0.0), rngs=nnx.Rngs(1))
-    perturb_adapters(model, 0.2)
+    perturb_adapters(model, scale=0.2)
     branch = model.blocks[0].attn
     x = jax.random.normal(jax.random.key(1), (1, 17, 192))
     base = branch.convpass(x)

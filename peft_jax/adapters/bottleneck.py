@@ -27,9 +27,10 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import (
-    METHODS, AdapterParam, Method, adapter_dropout, adapter_variables, any_of, draw, leading_shape, register,
+    METHODS, AdapterParam, Method, adapter_dropout, adapter_variables, any_of, leading_shape, register,
     wrap_modules,
 )
+from peft_jax.models.init import draw
 from peft_jax.errors import UserError
 from peft_jax.models.vit import Block
 

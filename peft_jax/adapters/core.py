@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from peft_jax.errors import UserError
@@ -129,21 +126,6 @@ def leading_shape(kernel: jax.Array, core_ndim: int) -> tuple[int, ...]:
     Adapter parameters get the same leading axes, so a scanned model scans them too.
     """
     return tuple(kernel.shape[: kernel.ndim - core_ndim])
-
-
-def draw(sample: Callable[..., jax.Array], key: jax.Array, shape: tuple[int, ...], *args) -> jax.Array:
-    """``sample(key, shape, float32, *args)`` (a ``jax.random`` sampler), computed as the leading elements of a draw
-    whose size is the next power of two.
-
-    With JAX's partitionable threefry (its default) element i depends only on the key and i, so the values are
-    exactly the direct draw's; but surgery then compiles one sampler per size bucket instead of one per shape
-    (each 0.1-0.8 s on a CPU core, 9 s of a LoRA-conv surgery of EfficientNet-Lite0). Traced calls draw directly.
-    """
-    n = math.prod(shape)
-    if isinstance(key, jax.core.Tracer) or not jax.config.jax_threefry_partitionable or n == 0:
-        return sample(key, shape, jnp.float32, *args)
-    flat = sample(key, (1 << (n - 1).bit_length(),), jnp.float32, *args)
-    return jnp.asarray(np.asarray(flat)[:n].reshape(shape))
 
 
 def is_scanned(model: nnx.Module) -> bool:

@@ -33,9 +33,10 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import (
-    AdapterParam, Method, SharedAdapterParam, adapter_dropout, adapter_variables, draw, iter_wrapped, leading_shape,
+    AdapterParam, Method, SharedAdapterParam, adapter_dropout, adapter_variables, iter_wrapped, leading_shape,
     modules_matching, register, replace_module,
 )
+from peft_jax.models.init import draw
 from peft_jax.errors import UserError
 
 TARGETS = r"(attn/(query|key|value|out)|mlp/(fc1|fc2))$"

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from peft_jax.adapters.core import AdapterParam, Method, adapter_variables, draw, iter_wrapped, leading_shape, register, replace_module, wrap_modules
+from peft_jax.adapters.core import AdapterParam, Method, adapter_variables, iter_wrapped, leading_shape, register, replace_module, wrap_modules
+from peft_jax.models.init import draw
 from peft_jax.errors import UserError
 
 # Presets for ``peft.targets``; anything else is used as a regex on module paths.

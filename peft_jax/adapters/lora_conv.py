@@ -25,7 +25,8 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.cnn import Geometry, dense_convs
-from peft_jax.adapters.core import Method, Path, adapter_variables, draw, iter_wrapped, register, replace_module, wrap_modules
+from peft_jax.adapters.core import Method, Path, adapter_variables, iter_wrapped, register, replace_module, wrap_modules
+from peft_jax.models.init import draw
 from peft_jax.errors import UserError
 
 PRESETS = ("blocks", "all")  # the dense convolutions of the residual blocks / of the whole backbone

@@ -16,9 +16,10 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import (
-    AdapterParam, Method, adapter_dropout, adapter_variables, draw, get_module, iter_wrapped, leading_shape,
+    AdapterParam, Method, adapter_dropout, adapter_variables, get_module, iter_wrapped, leading_shape,
     path_str, register, replace_module, wrap_modules,
 )
+from peft_jax.models.init import draw
 from peft_jax.errors import UserError
 
 

@@ -27,7 +27,7 @@ register(Method(
 register(Method(
     name="bitfit",
     doc="BitFit (Ben Zaken et al. 2022): every bias (linear, conv, LayerNorm/BatchNorm beta) and the head.",
-    trainable=lambda cfg: path_regex(rf"(^|/)bias$"),
+    trainable=lambda cfg: path_regex(r"(^|/)bias$"),
 ))
 
 register(Method(

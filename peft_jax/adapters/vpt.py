@@ -22,8 +22,9 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import (
-    AdapterParam, Method, adapter_dropout, adapter_variables, draw, leading_shape, register, wrap_modules,
+    AdapterParam, Method, adapter_dropout, adapter_variables, leading_shape, register, wrap_modules,
 )
+from peft_jax.models.init import draw
 from peft_jax.errors import UserError
 from peft_jax.models.vit import Block
 

@@ -164,8 +164,8 @@ def section(rows: list[dict], reference: str = "full") -> str:
     best, found = best_peft_table(runs, reference)
     parts = ["## Findings (paired comparisons)\n",
              "Intervals: 95% two-level bootstrap (test images and seeds resampled; 1000 replicates) of the "
-             f"difference in test macro-F1 between two methods trained with the same seeds; `*`: the interval "
-             f"excludes 0.\n", "### Majority-class baseline\n", majority_table(runs), "",
+             "difference in test macro-F1 between two methods trained with the same seeds; `*`: the interval "
+             "excludes 0.\n", "### Majority-class baseline\n", majority_table(runs), "",
              f"### Best PEFT method vs {reference}\n", best, "", "### Where they cross\n", *crossover_lines(found), "",
              f"### Every method's gain over {reference}\n", gain_table(runs, reference),
              "### Mean rank over the dataset x fraction cells\n", rank_table(rows), "",

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peft_jax.errors import UserError
+from peft_jax.models.init import draw, variance_scaling
 
 # depth -> (block type, blocks per stage), as in torchvision.
 RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -26,7 +27,7 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 BOTTLENECK_EXPANSION = 4
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal ("normal" in JAX).
-_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_conv_init = variance_scaling(2.0, "fan_out", "normal")
 
 
 @jax.custom_vjp
@@ -101,11 +102,11 @@ def linear(din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
     bound = 1.0 / math.sqrt(din)
 
     def bias_init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+        return draw(jax.random.uniform, key, shape, -bound, bound)
 
     return nnx.Linear(
         din, dout, rngs=rngs, bias_init=bias_init,
-        kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+        kernel_init=variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
     )
 
 
