@@ -371,20 +371,34 @@ def _gb(n: float | None) -> str:
 
 
 def write_markdown(results: list[dict], command: str, allocator: str, path: pathlib.Path, peak_tflops: float) -> None:
+    """One section per model, so that a run of some models' cases leaves the other models' rows as they are."""
+    import jax
+
+    gpu = settings()["device"] == "gpu"
+    where = jax.devices()[0].device_kind if gpu else f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    for model in dict.fromkeys(CASES[r["case"]][0] for r in results):
+        rows = [r for r in results if CASES[r["case"]][0] == model]
+        heading = f"## {'GPU train step' if gpu else 'Train step'} vs PyTorch: {model}"
+        write_section(path, heading, model_section(heading, rows, command, allocator, where, peak_tflops, gpu))
+    if any(k.startswith("jax_") and isinstance(v, dict) for r in results for k, v in r.items()):  # other mallocs ran
+        write_section(path, ALLOCATOR_HEADING, allocator_markdown(results, command, where))
+
+
+def model_section(heading: str, results: list[dict], command: str, allocator: str, where: str, peak_tflops: float,
+                  gpu: bool) -> str:
+    """The markdown of one model's cases: the table, then how FLOP utilisation and scratch are defined."""
     import jax
     import torch
     import transformers
 
-    gpu = settings()["device"] == "gpu"
-    where = jax.devices()[0].device_kind if gpu else f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
     memory = "device peak GB" if gpu else "peak RSS GB"
     lines = [
-        f"## {'GPU train step' if gpu else 'Train step'} vs PyTorch (`benchmarks/compare_torch.py`)",
+        f"{heading} (`benchmarks/compare_torch.py`)",
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.date.today()}; {'GPU' if gpu else 'CPU'}: {where}; "
         f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"JAX allocator: {allocator}; batch {results[0]['batch'] if results else ''}, {SIZE} px, AdamW, "
+        f"JAX allocator: {allocator}; batch {results[0]['batch']}, {SIZE} px, AdamW, "
         "medians of interleaved steps after warm-up.",
         "",
         f"| case | JAX img/s | torch img/s | JAX / torch | JAX {memory} | torch {memory} | "
@@ -403,20 +417,16 @@ def write_markdown(results: list[dict], command: str, allocator: str, path: path
                               f"{_gb(j['xla_temp_bytes'])} | ")
             + f"{j['opt_bytes_per_param']:.2f} / {t['opt_bytes_per_param']:.2f} | "
             f"{100 * r['jax_utilisation']:.0f}% |")
-    if results:
-        j = results[0]["jax"]
-        lines += ["", f"FLOP utilisation = XLA's cost analysis of the compiled step / step time / the matmul ceiling "
-                  f"measured in the same run (JAX, square matmuls): fp32 {j['fp32_ceiling'] / 1e9:.0f} GFLOP/s, "
-                  f"bf16 x bf16 -> fp32 {j['bf16_ceiling'] / 1e9:.0f} GFLOP/s. JAX scratch = the temporary buffer "
-                  "XLA assigns to the compiled step (`memory_analysis().temp_size_in_bytes`)."]
-        if peak_tflops:
-            mfu = ", ".join(f"{r['case']} {100 * r['jax']['flops_per_step'] / r['jax']['median_s'] / (peak_tflops * 1e12):.0f}%"
-                            for r in results)
-            lines += ["", f"MFU against the {peak_tflops:g} TFLOP/s datasheet peak: {mfu}."]
-    heading = "## GPU train step vs PyTorch" if gpu else "## Train step vs PyTorch"
-    write_section(path, heading, "\n".join(lines) + "\n")
-    if any(k.startswith("jax_") for r in results for k in r):
-        write_section(path, ALLOCATOR_HEADING, allocator_markdown(results, command, where))
+    j = results[0]["jax"]
+    lines += ["", f"FLOP utilisation = XLA's cost analysis of the compiled step / step time / the matmul ceiling "
+              f"measured in the same run (JAX, square matmuls): fp32 {j['fp32_ceiling'] / 1e9:.0f} GFLOP/s, "
+              f"bf16 x bf16 -> fp32 {j['bf16_ceiling'] / 1e9:.0f} GFLOP/s. JAX scratch = the temporary buffer "
+              "XLA assigns to the compiled step (`memory_analysis().temp_size_in_bytes`)."]
+    if peak_tflops:
+        mfu = ", ".join(f"{r['case']} {100 * r['jax']['flops_per_step'] / r['jax']['median_s'] / (peak_tflops * 1e12):.0f}%"
+                        for r in results)
+        lines += ["", f"MFU against the {peak_tflops:g} TFLOP/s datasheet peak: {mfu}."]
+    return "\n".join(lines) + "\n"
 
 
 ALLOCATOR_HEADING = "## JAX step time by allocator (`benchmarks/compare_torch.py`)"
