@@ -4,6 +4,18 @@ from __future__ import annotations
 import pathlib
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo; the architecture where there is none): speed figures need it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.machine())
+    except OSError:
+        return platform.machine()
+
+
 def write_section(path: pathlib.Path, heading: str, section: str) -> None:
     """Replaces the section that starts with ``heading`` (or appends it); other sections stay as they are."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured on this project's machines.\n"

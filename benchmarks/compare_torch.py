@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import write_section  # noqa: E402  (beside this script)
+from benchmarks_md import cpu_model, write_section  # noqa: E402  (beside this script)
 
 SIZE = 224
 # case -> (model, method, dtype)
@@ -375,7 +374,7 @@ def write_markdown(results: list[dict], command: str, allocator: str, path: path
     import jax
 
     gpu = settings()["device"] == "gpu"
-    where = jax.devices()[0].device_kind if gpu else f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    where = jax.devices()[0].device_kind if gpu else f"{cpu_model()} ({os.cpu_count()} cores)"
     for model in dict.fromkeys(CASES[r["case"]][0] for r in results):
         rows = [r for r in results if CASES[r["case"]][0] == model]
         heading = f"## {'GPU train step' if gpu else 'Train step'} vs PyTorch: {model}"
@@ -480,7 +479,8 @@ def main() -> None:
     cases = (args.cases or ",".join(GPU_CASES if args.device == "gpu" else CPU_CASES)).split(",")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
-        raise SystemExit(f"unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
+        print(f"error: unknown --cases {', '.join(unknown)}; valid: {', '.join(CASES)}", file=sys.stderr)
+        raise SystemExit(2)
     allocator_cases = set(args.allocator_cases.split(",")) if args.allocator_cases and args.device == "cpu" else set()
     results = []
     for case in cases:

@@ -32,7 +32,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import write_section  # noqa: E402  (beside this script)
+from benchmarks_md import cpu_model, write_section  # noqa: E402  (beside this script)
 from peft_jax import allocator, runtime  # noqa: E402
 
 runtime.setup()  # the allocator launch/train.py uses
@@ -124,9 +124,7 @@ def environment() -> dict:
 
     import jax
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.machine())
-    return {"date": str(datetime.date.today()), "cpu": cpu, "cores": os.cpu_count(),
+    return {"date": str(datetime.date.today()), "cpu": cpu_model(), "cores": os.cpu_count(),
             "python": platform.python_version(), "jax": jax.__version__, "grain": metadata.version("grain"),
             "pillow": metadata.version("pillow"), "allocator": allocator.loaded()}
 
