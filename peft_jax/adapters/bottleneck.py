@@ -30,8 +30,8 @@ from peft_jax.adapters.core import (
     METHODS, AdapterParam, Method, adapter_dropout, adapter_variables, any_of, leading_shape, register,
     wrap_modules,
 )
-from peft_jax.models.init import draw
 from peft_jax.errors import UserError
+from peft_jax.models.init import draw
 from peft_jax.models.vit import Block
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),

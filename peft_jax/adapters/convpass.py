@@ -17,8 +17,8 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import AdapterParam, Method, adapter_dropout, adapter_variables, is_scanned, register, wrap_modules
-from peft_jax.models.init import draw
 from peft_jax.errors import UserError
+from peft_jax.models.init import draw
 from peft_jax.models.vit import Attention, Mlp
 
 

@@ -36,8 +36,8 @@ from peft_jax.adapters.core import (
     AdapterParam, Method, SharedAdapterParam, adapter_dropout, adapter_variables, iter_wrapped, leading_shape,
     modules_matching, register, replace_module,
 )
-from peft_jax.models.init import draw
 from peft_jax.errors import UserError
+from peft_jax.models.init import draw
 
 TARGETS = r"(attn/(query|key|value|out)|mlp/(fc1|fc2))$"
 TK_MLP_FORMS = ("official", "paper")

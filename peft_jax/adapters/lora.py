@@ -9,8 +9,8 @@ import ml_collections
 from flax import nnx
 
 from peft_jax.adapters.core import AdapterParam, Method, adapter_variables, iter_wrapped, leading_shape, register, replace_module, wrap_modules
-from peft_jax.models.init import draw
 from peft_jax.errors import UserError
+from peft_jax.models.init import draw
 
 # Presets for ``peft.targets``; anything else is used as a regex on module paths.
 TARGET_PRESETS = {

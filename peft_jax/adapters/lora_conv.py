@@ -26,8 +26,8 @@ from flax import nnx
 
 from peft_jax.adapters.cnn import Geometry, dense_convs
 from peft_jax.adapters.core import Method, Path, adapter_variables, iter_wrapped, register, replace_module, wrap_modules
-from peft_jax.models.init import draw
 from peft_jax.errors import UserError
+from peft_jax.models.init import draw
 
 PRESETS = ("blocks", "all")  # the dense convolutions of the residual blocks / of the whole backbone
 DEFAULT_TARGETS = "blocks"

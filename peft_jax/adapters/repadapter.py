@@ -19,8 +19,8 @@ from peft_jax.adapters.core import (
     AdapterParam, Method, adapter_dropout, adapter_variables, get_module, iter_wrapped, leading_shape,
     path_str, register, replace_module, wrap_modules,
 )
-from peft_jax.models.init import draw
 from peft_jax.errors import UserError
+from peft_jax.models.init import draw
 
 
 class RepAdapterNorm(nnx.Module):

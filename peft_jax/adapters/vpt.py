@@ -24,8 +24,8 @@ from flax import nnx
 from peft_jax.adapters.core import (
     AdapterParam, Method, adapter_dropout, adapter_variables, leading_shape, register, wrap_modules,
 )
-from peft_jax.models.init import draw
 from peft_jax.errors import UserError
+from peft_jax.models.init import draw
 from peft_jax.models.vit import Block
 
 
