@@ -21,7 +21,8 @@ def test_bucketed_draw_equals_the_direct_draw(shape):
 @pytest.mark.parametrize("distribution", ["normal", "uniform", "truncated_normal"])
 @pytest.mark.parametrize("mode", ["fan_in", "fan_out"])
 def test_variance_scaling_equals_jax_bit_for_bit(mode, distribution):
-    """The ResNet/EfficientNet kernels (kaiming fan_out normal, torch Linear's fan_in uniform) and the rest."""
+    """The ResNet/EfficientNet kernels (kaiming fan_out normal, torch Linear's fan_in uniform), the diffusion
+    models' (LeCun: fan_in truncated normal) and the rest."""
     ours, jax_init = variance_scaling(2.0, mode, distribution), jax.nn.initializers.variance_scaling(2.0, mode, distribution)
     for i, shape in enumerate([(3, 3, 16, 32), (5, 5, 1, 144), (1280, 2)]):
         key = jax.random.key(i)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from peft_jax.errors import UserError
 from peft_jax.files import read_json
-from peft_jax.models.diffusion.layers import attention
+from peft_jax.models.diffusion.layers import attention, linear
 
 Dtype = jnp.dtype
 
@@ -62,7 +62,7 @@ class SelfAttention(nnx.Module):
         d = cfg.hidden_size
         self.heads = cfg.num_attention_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            nnx.Linear(d, d, dtype=dtype, rngs=rngs) for _ in range(4))
+            linear(d, d, dtype=dtype, rngs=rngs) for _ in range(4))
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask))
@@ -71,8 +71,8 @@ class SelfAttention(nnx.Module):
 class Mlp(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, dtype: Dtype, rngs: nnx.Rngs):
         self.act = ACTIVATIONS[cfg.hidden_act]
-        self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+        self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(self.act(self.fc1(x)))

@@ -6,6 +6,7 @@ papers that describe which layers they tune.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -13,8 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peft_jax.errors import UserError
+from peft_jax.models.init import LECUN_NORMAL
 
 Dtype = jnp.dtype
+# nnx.Linear with its default kernel initialiser, drawn through models/init.py's size buckets (bit-equal).
+linear = functools.partial(nnx.Linear, kernel_init=LECUN_NORMAL)
 
 
 def conv(cin: int, cout: int, kernel: int, *, stride: int = 1, padding=None, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Conv:
@@ -22,7 +26,8 @@ def conv(cin: int, cout: int, kernel: int, *, stride: int = 1, padding=None, dty
     pad = kernel // 2 if padding is None else padding
     if isinstance(pad, int):
         pad = ((pad, pad), (pad, pad))
-    return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype, rngs=rngs)
+    return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype, rngs=rngs,
+                    kernel_init=LECUN_NORMAL)
 
 
 def group_norm(channels: int, groups: int, eps: float, *, dtype: Dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
@@ -39,7 +44,7 @@ class ResnetBlock2D(nnx.Module):
         self.output_scale_factor = output_scale_factor
         self.norm1 = group_norm(cin, groups, eps, dtype=dtype, rngs=rngs)
         self.conv1 = conv(cin, cout, 3, dtype=dtype, rngs=rngs)
-        self.time_emb_proj = nnx.Linear(temb_channels, cout, dtype=dtype, rngs=rngs) if temb_channels else None
+        self.time_emb_proj = linear(temb_channels, cout, dtype=dtype, rngs=rngs) if temb_channels else None
         self.norm2 = group_norm(cout, groups, eps, dtype=dtype, rngs=rngs)
         self.conv2 = conv(cout, cout, 3, dtype=dtype, rngs=rngs)
         self.conv_shortcut = conv(cin, cout, 1, dtype=dtype, rngs=rngs) if cin != cout else None
@@ -98,10 +103,10 @@ class Attention(nnx.Module):
         inner = heads * head_dim
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nnx.Linear(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.to_k = nnx.Linear(context_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.to_v = nnx.Linear(context_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.to_out = nnx.Linear(inner, query_dim, dtype=dtype, rngs=rngs)
+        self.to_q = linear(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_k = linear(context_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_v = linear(context_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_out = linear(inner, query_dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         context = x if context is None else context

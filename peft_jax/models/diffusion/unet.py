@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peft_jax.errors import UserError
-from peft_jax.models.diffusion.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+from peft_jax.models.diffusion.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm, linear
 
 Dtype = jnp.dtype
 PerBlock = int | tuple[int, ...]
@@ -95,8 +95,8 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
 
 class TimestepEmbedding(nnx.Module):
     def __init__(self, cin: int, dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
-        self.linear_1 = nnx.Linear(cin, dim, dtype=dtype, rngs=rngs)
-        self.linear_2 = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.linear_1 = linear(cin, dim, dtype=dtype, rngs=rngs)
+        self.linear_2 = linear(dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(jax.nn.silu(self.linear_1(x)))
@@ -106,8 +106,8 @@ class GEGLU(nnx.Module):
     """Feed-forward ``out(h * gelu(g))`` with ``h, g = proj(x)`` (Shazeer 2020), 4x inner width."""
 
     def __init__(self, dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
-        self.proj = nnx.Linear(dim, 8 * dim, dtype=dtype, rngs=rngs)
-        self.out = nnx.Linear(4 * dim, dim, dtype=dtype, rngs=rngs)
+        self.proj = linear(dim, 8 * dim, dtype=dtype, rngs=rngs)
+        self.out = linear(4 * dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -141,8 +141,8 @@ class Transformer2DModel(nnx.Module):
         self.linear = cfg.use_linear_projection
         self.norm = group_norm(channels, cfg.norm_num_groups, 1e-6, dtype=dtype, rngs=rngs)
         if self.linear:
-            self.proj_in = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
-            self.proj_out = nnx.Linear(channels, channels, dtype=dtype, rngs=rngs)
+            self.proj_in = linear(channels, channels, dtype=dtype, rngs=rngs)
+            self.proj_out = linear(channels, channels, dtype=dtype, rngs=rngs)
         else:
             self.proj_in = conv(channels, channels, 1, dtype=dtype, rngs=rngs)
             self.proj_out = conv(channels, channels, 1, dtype=dtype, rngs=rngs)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peft_jax.models.diffusion.layers import Downsample2D, ResnetBlock2D, Upsample2D, attention, conv, group_norm
+from peft_jax.models.diffusion.layers import Downsample2D, ResnetBlock2D, Upsample2D, attention, conv, group_norm, linear
 
 Dtype = jnp.dtype
 EPS = 1e-6  # every norm of the SD autoencoder
@@ -43,7 +43,7 @@ class AttentionBlock(nnx.Module):
     def __init__(self, channels: int, groups: int, *, dtype: Dtype, rngs: nnx.Rngs):
         self.group_norm = group_norm(channels, groups, EPS, dtype=dtype, rngs=rngs)
         self.to_q, self.to_k, self.to_v, self.to_out = (
-            nnx.Linear(channels, channels, dtype=dtype, rngs=rngs) for _ in range(4))
+            linear(channels, channels, dtype=dtype, rngs=rngs) for _ in range(4))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
