@@ -6,12 +6,21 @@ PneumoniaMNIST (chest X-ray), then transferred to BreastMNIST (breast ultrasound
 fine-tuning, two seeds each, with fixed hyper-parameters (no sweep, to fit the CPU budget).
 
     python launch/benchmark.py --config configs/benchmark/mini.py --workdir runs/mini --report_dir results/mini
+
+`:ham` is the same ViT on the full HAM10000 (dermoscopy, 7 classes; $PEFT_JAX_DATA/ham10000_full) at 2% and
+100% of the labels, three seeds, budgets in epochs, and each final run's predictions explained on 32 test
+images and scored against the lesion masks (does a PEFT model look at the lesion more or less than a fully
+fine-tuned one?):
+
+    python launch/benchmark.py --config configs/benchmark/mini.py:ham --workdir runs/mini_ham --report_dir results/mini_ham
 """
+import ml_collections
+
 from peft_jax.config import base_config
-from peft_jax.hpo import benchmark_section, sweep_section
+from peft_jax.hpo import benchmark_section, release_dir_overrides, sweep_section
 
 
-def get_config():
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.model.name = "vit_ti16"
     c.model.image_size = 28
@@ -41,4 +50,21 @@ def get_config():
     c.sweep = sweep_section(num_trials=6, min_resource=25, max_resource=100, space={
         "common": "train.lr=log(1e-4, 3e-2); train.weight_decay=log(1e-6, 1e-2)",
         "lora": "peft.rank=choice(4, 8, 16)"})
+    if arg == "ham":
+        ham(c)
+    elif arg is not None:
+        raise ValueError(f"configs/benchmark/mini.py:{arg} is unknown; valid: ham (or no argument)")
     return c
+
+
+def ham(c: ml_collections.ConfigDict) -> None:
+    """HAM10000 at 2% (140 training images) and 100%: 4 epochs, at least 100 and at most 800 steps."""
+    c.benchmark.datasets = "ham10000"
+    c.benchmark.fractions = "0.02,1.0"
+    c.benchmark.seeds = "0,1,2"
+    c.benchmark.overrides.update(release_dir_overrides())
+    c.benchmark.epochs = 4.0
+    c.benchmark.min_steps = 100
+    c.benchmark.max_steps = 800
+    c.benchmark.evals_per_run = 5
+    c.benchmark.explain_images = 32

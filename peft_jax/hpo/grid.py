@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -23,6 +24,17 @@ from peft_jax.files import read_json
 from peft_jax.hpo import space as space_lib
 
 SCRATCH = "scratch"  # pseudo-method: full training from random weights (no pre-training, no init.checkpoint)
+# The full-resolution sets in $PEFT_JAX_DATA, laid out as their releases (see the shared data's PROVENANCE.md).
+RELEASE_DIRS = {"busi": "busi_full", "ham10000": "ham10000_full", "chest_xray_pneumonia": "chest_xray_full"}
+
+
+def release_dir_overrides() -> dict[str, str]:
+    """``benchmark.overrides`` that point each full-resolution dataset at its release folder in
+    $PEFT_JAX_DATA; empty without it (``dataset.manual_dir`` must then be given per dataset)."""
+    root = os.environ.get("PEFT_JAX_DATA")
+    if not root:
+        return {}
+    return {name: f"dataset.manual_dir={os.path.join(root, folder)}" for name, folder in RELEASE_DIRS.items()}
 
 
 def benchmark_section(methods: str, models: str, datasets: str, fractions: str, seeds: str,
