@@ -302,6 +302,15 @@ def test_bootstrap_intervals_are_seeded_and_cover_the_mean():
     assert scores.bootstrap_ci([None])["n"] == 0
 
 
+def test_overlay_captions_name_an_undefined_energy():
+    """A map with no positive mass (one of the 2% BitFit ViT's on HAM10000) has no energy to print."""
+    from peft_jax.explain.run import caption
+
+    image = {"id": "ISIC_0024306", "predicted": "nv"}
+    assert caption(image, 0.4567) == "0024306 nv E=0.46"
+    assert caption(image, None) == "0024306 nv E=n/a"
+
+
 # ---------------------------------------------------------------------------------------------
 # Masks follow the evaluation transform.
 

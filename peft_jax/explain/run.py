@@ -140,7 +140,7 @@ def explain_run(workdir: str | pathlib.Path, *, split: str = "test", num_images:
             for k, v in scores.image_scores(a, m).items():
                 per_image[k].append(v if np.isfinite(v) else None)  # JSON has no NaN
         result["attributions"][method] = {**scores.summarize(per_image, seed=BOOTSTRAP_SEED), "per_image": per_image}
-        captions = [f"{c['id'][-7:]} {c['predicted']} E={e:.2f}" for c, e in zip(result["images"], per_image["energy"])]
+        captions = [caption(c, e) for c, e in zip(result["images"], per_image["energy"])]
         overlay.write_grid(tmp / f"{method}.png", display, maps, mask_views, captions)
         thumbnails[method] = _thumbnail(maps).astype(np.float16)
     np.savez_compressed(tmp / "thumbnails.npz", **thumbnails)
@@ -150,6 +150,11 @@ def explain_run(workdir: str | pathlib.Path, *, split: str = "test", num_images:
     (workdir / (JSON_FILE + ".tmp")).write_text(json.dumps(result, indent=1))
     (workdir / (JSON_FILE + ".tmp")).rename(workdir / JSON_FILE)
     return result
+
+
+def caption(image: dict, energy: float | None) -> str:
+    """An overlay's caption: short id, predicted class, mask energy (n/a for a map with no positive mass)."""
+    return f"{image['id'][-7:]} {image['predicted']} E=" + ("n/a" if energy is None else f"{energy:.2f}")
 
 
 def _check_methods(model, model_name: str, methods: list[str] | None) -> list[str]:
