@@ -382,9 +382,10 @@ def _run(cfg: ml_collections.ConfigDict, workdir: Workdir, mesh, on_eval: Callab
     return results
 
 
-def dry_run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, num_classes: int = 2) -> dict:
-    """Builds the model abstractly, shards it, lowers and compiles one train step without running it."""
-    workdir = pathlib.Path(workdir)
+def lower_train_step(cfg: ml_collections.ConfigDict, num_classes: int = 2):
+    """Builds the model abstractly, shards it and lowers one train step (traced, shapes checked, nothing
+    allocated): ``(lowered, state, param_report)``. ``dry_run`` compiles it; lowering alone is the cheap
+    check that a method's step is well-formed on a large model."""
     mesh = shd.make_mesh(cfg.mesh)
     check_config(cfg, mesh.size)
     built = builder.build_abstract(cfg, num_classes)
@@ -394,8 +395,15 @@ def dry_run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, num_cla
     size, bs = int(cfg.model.image_size), cfg.train.batch_size
     batch = {"image": jax.ShapeDtypeStruct((bs, size, size, 3), jnp.float32, sharding=state.batch_sharding),
              "label": jax.ShapeDtypeStruct((bs,), jnp.int32, sharding=state.batch_sharding)}
-    compiled = steps.train.lower(*(state.abstract(k) for k in ("trainable", "frozen", "rest", "opt_state")),
-                                 batch).compile()
+    lowered = steps.train.lower(*(state.abstract(k) for k in ("trainable", "frozen", "rest", "opt_state")), batch)
+    return lowered, state, report
+
+
+def dry_run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, num_classes: int = 2) -> dict:
+    """Builds the model abstractly, shards it, lowers and compiles one train step without running it."""
+    workdir = pathlib.Path(workdir)
+    lowered, state, report = lower_train_step(cfg, num_classes)
+    compiled = lowered.compile()
     mem = compiled.memory_analysis()
     result = {
         "trainable_params": report["trainable_params"], "total_params": report["total_params"],
@@ -404,7 +412,7 @@ def dry_run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, num_cla
         "frozen_bytes_per_device": shd.bytes_per_device(state.frozen, state.shardings["frozen"]),
         "trainable_bytes_per_device": shd.bytes_per_device(state.trainable, state.shardings["trainable"]),
         "optimizer_bytes_per_device": shd.bytes_per_device(state.opt_state, state.shardings["opt_state"]),
-        "num_devices": mesh.size,
+        "num_devices": state.mesh.size,
         "memory_analysis": {k: int(getattr(mem, k)) for k in dir(mem) if k.endswith("_in_bytes")} if mem else {},
         "model": cfg.model.name, "method": cfg.peft.method,
     }
