@@ -529,6 +529,30 @@ def test_report_tables_and_figure_of_explanations(tmp_path):
     assert report.explanation_tables([{**rows[0], "run_dir": str(tmp_path / "none")}]) == ""
 
 
+def test_report_pairs_each_methods_mask_energy_with_full_fine_tuning(tmp_path):
+    from peft_jax.hpo import report
+
+    rows = [fake_explained_run(tmp_path, "lora", 0, [0.2, 0.4, 0.6], [1, 0, 1]),
+            fake_explained_run(tmp_path, "lora", 1, [0.4, 0.6, None], [1, 1, 0]),
+            fake_explained_run(tmp_path, "ssf", 0, [0.1, 0.0, 0.2], [0, 0, 0]),
+            fake_explained_run(tmp_path, "full", 0, [0.1, 0.1, 0.1], [0, 0, 0])]
+    lines = report.explanation_gains(rows).splitlines()
+    assert lines[0] == "### ham10000, vit_ti16: mask energy minus full's"
+    assert lines[2] == "| method | 10% gradcam |"
+    # lora per image over seeds (0.3, 0.5, 0.6) minus full's 0.1: (0.2, 0.4, 0.5), every resample above 0
+    lora = next(line for line in lines if line.startswith("| lora"))
+    assert lora.startswith("| lora | +0.367 [+0.2") and lora.endswith("]* |")
+    # ssf minus full: (0, -0.1, +0.1), an interval across 0, no star
+    assert next(line for line in lines if line.startswith("| ssf")).startswith("| ssf | +0.000 [-0.")
+    assert not next(line for line in lines if line.startswith("| ssf")).endswith("* |")
+    assert "| full |" not in "\n".join(lines)
+    assert report.explanation_gains(rows[:3]) == ""  # no reference runs: no table
+    other = json.loads((tmp_path / "full0" / "explanations.json").read_text())
+    other["images"] = [{"id": f"ISIC_{k + 5}"} for k in range(3)]  # the reference explained other images
+    (tmp_path / "full0" / "explanations.json").write_text(json.dumps(other))
+    assert "| lora | – |" in report.explanation_gains(rows)
+
+
 def test_benchmark_explains_final_runs_only_when_asked(tmp_path, capsys):
     from peft_jax.hpo import grid as benchmark
 

@@ -227,6 +227,45 @@ def explanation_tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _energy_gain(runs: list[dict], reference_runs: list[dict], attribution: str) -> str:
+    """One cell: the seed-averaged mask energy of ``runs`` minus the reference's, image by image on the same
+    images, with a 95% bootstrap interval over the images."""
+    from peft_jax.explain import scores
+
+    runs, base = ([r["e"] for r in group if attribution in r["e"]["attributions"]] for group in (runs, reference_runs))
+    if not runs or not base or [im["id"] for im in runs[0]["images"]] != [im["id"] for im in base[0]["images"]]:
+        return "–"
+    ours, theirs = (np.array(_seed_averaged(group, attribution, "energy"), np.float64) for group in (runs, base))
+    ci = scores.bootstrap_ci(ours - theirs)
+    if not ci["n"]:
+        return "–"
+    star = "*" if ci["ci_low"] > 0 or ci["ci_high"] < 0 else ""
+    return f"{ci['mean']:+.3f} [{ci['ci_low']:+.3f}, {ci['ci_high']:+.3f}]{star}"
+
+
+def explanation_gains(rows: list[dict], reference: str = "full") -> str:
+    """Per (model, dataset): each method's mask energy minus the reference's on the same test images, per data
+    fraction and attribution method: whether PEFT looks at the lesion more or less than full fine-tuning."""
+    out = []
+    for (model, dataset), sub in _group([{**r, "e": e} for r, e in _explanations(rows)], "model", "dataset").items():
+        cells = _group(sub, "method", "data_fraction")
+        columns = [(f, a) for f in sorted(set(r["data_fraction"] for r in sub))
+                   for a in _order(a for r in sub for a in r["e"]["attributions"])]
+        methods = [m for m in _order(r["method"] for r in sub) if m != reference]
+        if not methods or not any(m == reference for m, _ in cells):
+            continue
+        out.append(f"### {dataset}, {model}: mask energy minus {reference}'s\n")
+        out.append("| method | " + " | ".join(f"{f:.0%} {a}" for f, a in columns) + " |")
+        out.append("|---|" + "---:|" * len(columns))
+        for m in methods:
+            gains = [_energy_gain(cells.get((m, f), []), cells.get((reference, f), []), a) for f, a in columns]
+            out.append(f"| {m} | " + " | ".join(gains) + " |")
+        out.append(f"\nPer image: the energy averaged over seeds minus {reference}'s on the same image; mean and 95% "
+                   "bootstrap interval over the images; `*`: the interval excludes 0 (positive: more of the "
+                   "attribution on the lesion than the reference).\n")
+    return "\n".join(out)
+
+
 def plot_explanations(rows: list[dict], path: pathlib.Path, num_images: int = 6) -> bool:
     """The first explained (model, dataset, fraction): one row per PEFT method (its first seed), the same test
     images, Grad-CAM (or the first attribution method) over the image with the mask outline."""
@@ -272,6 +311,7 @@ def write_report(rows: list[dict], failed: list[dict], out_dir: pathlib.Path, co
     explained = explanation_tables(rows)
     if explained:
         parts += ["## Where the models look: attribution on the lesion mask\n", explained,
+                  explanation_gains(rows, reference),
                   "![attribution maps of each method on the same test images](explanations.png)\n"]
     if failed:
         parts += ["## Failed runs\n", "| model | dataset | method | fraction | seed | error |", "|---|---|---|---:|---:|---|"]
