@@ -18,8 +18,8 @@ Protocol (this project's choices, sized for 2 CPU cores; see results/imagenet_cn
   ImageNet features still transfer at this size and a run costs seconds, not minutes.
 
 `configs/benchmark/imagenet_cnn.py:lite` (the default) is the grid above (hours on 2 cores; resumable
-run by run); `:busi_cpu`, `:ham_cpu`, `:breast_cpu` (BreastMNIST with BUSI's slice) and `:pneumonia_cpu` are the slices
-that ran for the committed report; `:all` adds Lite1/Lite2 (the
+run by run); `:busi_cpu`, `:ham_cpu`, `:breast_cpu` (BreastMNIST with BUSI's slice), `:pneumonia_cpu` and
+`:chest_cpu` (the full-resolution Kermany set) are the slices that ran for the committed report; `:all` adds Lite1/Lite2 (the
 `imagenet_lite` extra), more fractions and 224 px, for a machine with more time.
 """
 import ml_collections
@@ -120,8 +120,8 @@ def pneumonia_cpu(c: ml_collections.ConfigDict) -> None:
     with BUSI's seven methods and seeds 0 and 1 at 1%, 10% and 100% of the labels. At most 300 steps
     (about two epochs at 100%, where 8 epochs would take 1,177), so that the slice fits one 2-core session;
     the report says the 100% cells are trained for fewer epochs than the others. The committed
-    results/imagenet_cnn/pneumoniamnist/ report: `--workdir runs/imagenet_pneumonia --report_dir
-    results/imagenet_cnn/pneumoniamnist`."""
+    results/imagenet_cnn/pneumoniamnist/ report ran all twelve methods (`--config.benchmark.methods=` the
+    module's CNN_METHODS): `--workdir runs/imagenet_pneumonia --report_dir results/imagenet_cnn/pneumoniamnist`."""
     busi_cpu(c)
     c.benchmark.datasets = "pneumoniamnist"
     c.benchmark.fractions = "0.01,0.1,1.0"
