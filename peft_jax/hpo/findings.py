@@ -43,7 +43,8 @@ def _compare(runs: dict, key_a: tuple, key_b: tuple, seed: int) -> dict | None:
                                     _num_classes(a[common[0]]), seed=seed)
 
 
-def _ci(d: dict) -> str:
+def gain_text(d: dict) -> str:
+    """A difference with its interval, ``+0.064 [+0.026, +0.104]*``; ``*`` when the interval excludes 0."""
     star = "*" if d["low"] > 0 or d["high"] < 0 else ""
     return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{star}"
 
@@ -76,7 +77,7 @@ def gain_table(runs: dict, reference: str) -> str:
             cells = []
             for i, f in enumerate(fractions):
                 d = _compare(runs, (dataset, f, m), (dataset, f, reference), seed=i)
-                cells.append(_ci(d) if d else "–")
+                cells.append(gain_text(d) if d else "–")
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -99,7 +100,7 @@ def best_peft_table(runs: dict, reference: str) -> tuple[str, list[dict]]:
         d = _compare(runs, (dataset, fraction, best), (dataset, fraction, reference), seed=7)
         ref_f1 = _mean(r["test_macro_f1"] for r in runs[(dataset, fraction, reference)].values())
         best_f1 = _mean(r["test_macro_f1"] for r in peft[best].values())
-        lines.append(f"| {dataset} | {fraction:.0%} | {best} | {best_f1:.3f} | {ref_f1:.3f} | {_ci(d)} |")
+        lines.append(f"| {dataset} | {fraction:.0%} | {best} | {best_f1:.3f} | {ref_f1:.3f} | {gain_text(d)} |")
         found.append({"dataset": dataset, "fraction": fraction, "method": best, **d})
     return "\n".join(lines), found
 

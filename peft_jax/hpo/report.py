@@ -237,10 +237,7 @@ def _energy_gain(runs: list[dict], reference_runs: list[dict], attribution: str)
         return "–"
     ours, theirs = (np.array(_seed_averaged(group, attribution, "energy"), np.float64) for group in (runs, base))
     ci = scores.bootstrap_ci(ours - theirs)
-    if not ci["n"]:
-        return "–"
-    star = "*" if ci["ci_low"] > 0 or ci["ci_high"] < 0 else ""
-    return f"{ci['mean']:+.3f} [{ci['ci_low']:+.3f}, {ci['ci_high']:+.3f}]{star}"
+    return findings.gain_text({"diff": ci["mean"], "low": ci["ci_low"], "high": ci["ci_high"]}) if ci["n"] else "–"
 
 
 def explanation_gains(rows: list[dict], reference: str = "full") -> str:
