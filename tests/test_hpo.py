@@ -1,6 +1,8 @@
 """ASHA sweeps: real (tiny) training trials on BreastMNIST, pruning, shared studies, failures, resuming."""
 import json
 import subprocess
+import threading
+import warnings
 
 import pytest
 
@@ -77,6 +79,31 @@ def test_two_workers_share_one_study_and_a_failing_trial_does_not_stop_it(shared
     failed = next(t for t in trials if t.state == TrialState.FAIL)
     assert "no_such_method" in failed.user_attrs["error"]
     assert summary["best_params"]["peft.method"] == "full"
+
+
+def test_workers_claiming_waiting_trials_at_once_never_share_one(tmp_path):
+    # Optuna claims a waiting trial by read-then-write; on SQLite two workers could both claim it (found by CI:
+    # two workers trained enqueued trial 0 in one folder). Four claimants with their own connections race here.
+    cfg = tiny_sweep_config(40, "train.lr=log(1e-4, 1e-2)")
+    study = sweep_lib.open_study(cfg, tmp_path)
+    for i in range(40):
+        study.enqueue_trial({"train.lr": 1e-4 * (1 + i)})
+    claimed = []
+
+    def claim_until_none_wait():
+        mine = sweep_lib.open_study(cfg, tmp_path)
+        while mine.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            claimed.append(mine.ask().number)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # heartbeats are meant for optimize(), not ask()
+        threads = [threading.Thread(target=claim_until_none_wait) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(claimed) == len(set(claimed)), sorted(claimed)
+    assert set(range(40)) <= set(claimed)
 
 
 def test_interrupted_trials_are_retried_in_their_own_folder(tmp_path):

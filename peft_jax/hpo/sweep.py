@@ -25,6 +25,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
@@ -95,16 +96,31 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._tpe.after_trial(study, trial, state, values)
 
 
+def _take_write_lock_first(connection) -> None:
+    """Starts every SQLite transaction holding the database's write lock.
+
+    Optuna claims a waiting trial by reading that it waits and then marking it running, and
+    its row lock (SELECT ... FOR UPDATE) does nothing in SQLite: two workers could both read
+    "waiting" and both run the one trial in the one folder. BEGIN IMMEDIATE makes the read and
+    the write one step; the other worker waits (up to the connection's timeout).
+    """
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def open_study(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> optuna.Study:
     """Creates or loads the study; every worker of every host calls this with the same config."""
     sweep = _sweep(cfg)
     url = storage_url(cfg, workdir)
-    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None  # wait for SQLite's lock
+    sqlite = url.startswith("sqlite")
+    # isolation_level=None: the driver starts no transaction of its own; _take_write_lock_first starts them.
+    engine = {"connect_args": {"timeout": 120, "isolation_level": None}} if sqlite else None
     # Heartbeats let another host notice a trial whose process died; it is retried once.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=300,
                              heartbeat_stale_trial_callback=_retry)
+    if sqlite:
+        sqlalchemy.event.listen(storage.engine, "begin", _take_write_lock_first)
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=int(sweep.min_resource),
                                                     reduction_factor=int(sweep.reduction_factor))
     sampler = TrialSeededSampler(int(sweep.seed), constant_liar=True, n_startup_trials=max(2, int(sweep.num_trials) // 3))
