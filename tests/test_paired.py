@@ -8,6 +8,7 @@ from sklearn.metrics import f1_score
 pytest.importorskip("optuna", reason="the hpo extra: pip install -e '.[hpo]'")
 from peft_jax import hpo  # noqa: E402
 from peft_jax.config import base_config  # noqa: E402
+from peft_jax.errors import UserError  # noqa: E402
 from peft_jax.hpo import findings, grid, paired  # noqa: E402
 from peft_jax.metrics import classification as metrics_lib  # noqa: E402
 
@@ -86,3 +87,16 @@ def test_findings_section_picks_the_best_peft_method_by_validation(tmp_path):
     assert "| ssf |" in best_row and best_row.endswith("]* |")  # ssf (best on validation, not bitfit) clearly wins
     assert "the best PEFT method is ahead at every fraction" in text
     assert findings.section([{**rows[0], "run_dir": str(tmp_path / "none")}], "full") == ""
+
+
+def test_findings_refuse_to_pair_runs_tested_on_other_images(tmp_path):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    other = labels.copy()
+    other[:10] = 1 - other[:10]  # the same size, other images: as after preparing the dataset from other files
+    rows = [_fake_run(tmp_path, "full0", labels, labels, 0.7, 0, "full", 0.1, 100.0),
+            _fake_run(tmp_path, "ssf0", other, other, 0.8, 0, "ssf", 0.1, 0.5)]
+    with pytest.raises(UserError, match="ssf0 was tested on other d test images than .*full0"):
+        findings.section(rows, "full")
+    rows[1] = _fake_run(tmp_path, "ssf1", labels, other, 0.8, 0, "ssf", 0.1, 0.5)  # same images: pairs
+    assert "| d | 10% |" in findings.section(rows, "full")

@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from peft_jax.errors import UserError
 from peft_jax.hpo import paired
 from peft_jax.metrics import classification as metrics_lib
 
@@ -21,12 +22,26 @@ NOT_PEFT = ("full", "scratch")
 def _runs(rows: list[dict]) -> dict[tuple, dict[int, dict]]:
     """(dataset, fraction, method) -> seed -> row, for the rows whose predictions were kept."""
     out: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    first: dict[str, tuple[str, np.ndarray]] = {}
     for r in rows:
         pred = paired.load_predictions(r["run_dir"])
-        if pred is not None:
-            out[(r["dataset"], r["data_fraction"], r["method"])][int(r["seed"])] = {**r, "labels": pred[0],
-                                                                                  "preds": pred[1]}
+        if pred is None:
+            continue
+        _check_same_test_set(first.setdefault(r["dataset"], (r["run_dir"], pred[0])), r, pred[0])
+        out[(r["dataset"], r["data_fraction"], r["method"])][int(r["seed"])] = {**r, "labels": pred[0],
+                                                                              "preds": pred[1]}
     return out
+
+
+def _check_same_test_set(first: tuple[str, np.ndarray], row: dict, labels: np.ndarray) -> None:
+    """Pairing compares predictions image by image. Runs made before and after the dataset was prepared
+    again from other files may hold other test images; their labels then differ (a necessary sign)."""
+    if not np.array_equal(first[1], labels):
+        raise UserError(
+            f"{row['run_dir']} was tested on other {row['dataset']} test images than {first[0]} (their test "
+            "labels differ), so the two cannot be paired: the dataset was prepared again from other files "
+            "between those runs. Delete the runs made with the old files and rerun the benchmark on the same "
+            "workdir (it reruns only those)")
 
 
 def _num_classes(row: dict) -> int:
