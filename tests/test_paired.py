@@ -100,3 +100,13 @@ def test_findings_refuse_to_pair_runs_tested_on_other_images(tmp_path):
         findings.section(rows, "full")
     rows[1] = _fake_run(tmp_path, "ssf1", labels, other, 0.8, 0, "ssf", 0.1, 0.5)  # same images: pairs
     assert "| d | 10% |" in findings.section(rows, "full")
+
+
+def test_report_plots_draw_twelve_methods_in_twelve_styles():
+    from peft_jax.hpo import report
+
+    methods = "linear,full,bitfit,bn_tune,film,ssf,tsa,residual_adapter,lora_conv,conv_adapter,partial,scratch"
+    styles = report._styles(methods.split(","))
+    drawn = {(s["color"], s["marker"], s["linestyle"]) for s in styles.values()}
+    assert len(drawn) == 12  # matplotlib's own cycle draws linear and partial, full and scratch alike
+    assert styles["linear"]["color"] == styles["partial"]["color"] and styles["partial"]["linestyle"] == "--"

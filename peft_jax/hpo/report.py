@@ -335,10 +335,19 @@ def _panels(n: int):
     return plt, fig, list(axes.flat[:n])
 
 
+def _styles(methods: list[str]) -> dict[str, dict]:
+    """Line style per method: ten colours, then the same colours dashed with another marker, so that a
+    grid of twelve methods draws no two alike (matplotlib's cycle repeats after ten)."""
+    colours = [f"C{i}" for i in range(10)]
+    return {m: {"color": colours[i % 10], "marker": "osD^"[i // 10 % 4], "linestyle": "-" if i < 10 else "--"}
+            for i, m in enumerate(methods)}
+
+
 def plot_f1_vs_fraction(rows: list[dict], path: pathlib.Path) -> None:
     """Test macro-F1 (mean ± std over seeds) against the data fraction, one line per method."""
     panels = _order((r["model"], r["dataset"]) for r in rows)
     plt, fig, axes = _panels(len(panels))
+    styles = _styles(_order(r["method"] for r in rows))  # one style per method across the panels
     for ax, (model, dataset) in zip(axes, panels):
         sub = [r for r in rows if r["model"] == model and r["dataset"] == dataset]
         for method in _order(r["method"] for r in sub):
@@ -346,7 +355,7 @@ def plot_f1_vs_fraction(rows: list[dict], path: pathlib.Path) -> None:
             stats = [_mean_std([r["test_macro_f1"] for r in sub if r["method"] == method
                                 and r["data_fraction"] == f]) for f in fractions]
             ax.errorbar([100 * f for f in fractions], [s[0] for s in stats], yerr=[s[1] for s in stats],
-                        marker="o", capsize=3, label=method)
+                        capsize=3, label=method, **styles[method])
         ax.set_xscale("log")
         ax.set_xlabel("training labels used (%)")
         ax.set_ylabel("test macro-F1")
@@ -362,12 +371,14 @@ def plot_f1_vs_trainable(rows: list[dict], path: pathlib.Path) -> None:
     """Test macro-F1 against the trainable share of parameters (log scale), one panel per dataset and fraction."""
     panels = _order((r["model"], r["dataset"], r["data_fraction"]) for r in rows)
     plt, fig, axes = _panels(len(panels))
+    styles = _styles(_order(r["method"] for r in rows))
     for ax, (model, dataset, fraction) in zip(axes, panels):
         sub = [r for r in rows if (r["model"], r["dataset"], r["data_fraction"]) == (model, dataset, fraction)]
         for method in _order(r["method"] for r in sub):
             runs = [r for r in sub if r["method"] == method]
             mean, std = _mean_std([r["test_macro_f1"] for r in runs])
-            ax.errorbar([runs[0]["trainable_percent"]], [mean], yerr=[std], marker="o", capsize=3, label=method)
+            ax.errorbar([runs[0]["trainable_percent"]], [mean], yerr=[std], capsize=3, label=method,
+                        **styles[method])
             ax.annotate(method, (runs[0]["trainable_percent"], mean), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
         ax.set_xscale("log")
