@@ -131,7 +131,8 @@ def pneumonia_cpu(c: ml_collections.ConfigDict) -> None:
 def chest_cpu(c: ml_collections.ConfigDict) -> None:
     """The full-resolution Kermany chest X-rays (`chest_xray_full/`: 4,665 training images at 224 px, split by
     patient) with PneumoniaMNIST's slice: 1%, 10% and 100% of the labels at 64 px, seven methods, seeds 0 and 1,
-    at most 300 steps. The committed results/imagenet_cnn/chest_xray/ report ran seeds 0-2 (`--config.benchmark.seeds=0,1,2
-    --workdir runs/imagenet_chest --report_dir results/imagenet_cnn/chest_xray`)."""
+    at most 300 steps. The committed results/imagenet_cnn/chest_xray/ report ran seeds 0-2 and all twelve methods
+    (`--config.benchmark.seeds=0,1,2 --config.benchmark.methods=` the module's CNN_METHODS
+    `--workdir runs/imagenet_chest --report_dir results/imagenet_cnn/chest_xray`)."""
     pneumonia_cpu(c)
     c.benchmark.datasets = "chest_xray_pneumonia"
