@@ -338,8 +338,7 @@ def _panels(n: int):
 def _styles(methods: list[str]) -> dict[str, dict]:
     """Line style per method: ten colours, then the same colours dashed with another marker, so that a
     grid of twelve methods draws no two alike (matplotlib's cycle repeats after ten)."""
-    colours = [f"C{i}" for i in range(10)]
-    return {m: {"color": colours[i % 10], "marker": "osD^"[i // 10 % 4], "linestyle": "-" if i < 10 else "--"}
+    return {m: {"color": f"C{i % 10}", "marker": "osD^"[i // 10 % 4], "linestyle": "-" if i < 10 else "--"}
             for i, m in enumerate(methods)}
 
 
