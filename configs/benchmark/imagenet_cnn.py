@@ -120,8 +120,9 @@ def pneumonia_cpu(c: ml_collections.ConfigDict) -> None:
     with BUSI's seven methods and seeds 0 and 1 at 1%, 10% and 100% of the labels. At most 300 steps
     (about two epochs at 100%, where 8 epochs would take 1,177), so that the slice fits one 2-core session;
     the report says the 100% cells are trained for fewer epochs than the others. The committed
-    results/imagenet_cnn/pneumoniamnist/ report ran all twelve methods (`--config.benchmark.methods=` the
-    module's CNN_METHODS): `--workdir runs/imagenet_pneumonia --report_dir results/imagenet_cnn/pneumoniamnist`."""
+    results/imagenet_cnn/pneumoniamnist/ report ran all twelve methods and seeds 0-2 (`--config.benchmark.seeds=0,1,2
+    --config.benchmark.methods=` the module's CNN_METHODS `--workdir runs/imagenet_pneumonia
+    --report_dir results/imagenet_cnn/pneumoniamnist`)."""
     busi_cpu(c)
     c.benchmark.datasets = "pneumoniamnist"
     c.benchmark.fractions = "0.01,0.1,1.0"
