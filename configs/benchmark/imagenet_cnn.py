@@ -79,8 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def busi_cpu(c: ml_collections.ConfigDict) -> None:
     """The slice that fits one 2-core session (about an hour): BUSI at 2%, 10% and 100% of the labels,
-    64 px, seven methods, seeds 0 and 1, 3-trial sweeps. The committed results/imagenet_cnn/busi/ report;
-    `--config.benchmark.seeds=0,1,2` adds the third seed to the same workdir."""
+    64 px, seven methods, seeds 0 and 1, 3-trial sweeps. The committed results/imagenet_cnn/busi/ report ran
+    all twelve methods and seeds 0-2 (1 h 27 min; `--config.benchmark.seeds=0,1,2 --config.benchmark.methods=`
+    the module's CNN_METHODS `--workdir runs/imagenet_busi --report_dir results/imagenet_cnn/busi`)."""
     c.model.image_size = 64
     c.benchmark.methods = "linear,full,bitfit,bn_tune,ssf,tsa,scratch"
     c.benchmark.datasets = "busi"
