@@ -36,6 +36,9 @@ def _model_and_peft(c: ml_collections.ConfigDict) -> None:
     c.model.pool = ml_collections.config_dict.placeholder(str)
     c.model.scan_layers = False
     c.model.remat = False
+    # With remat: what each block keeps for the backward pass (models/vit.py REMAT_POLICIES: nothing_saveable,
+    # dots_saveable, dots_with_no_batch_dims_saveable, projections_saveable); None recomputes the whole block.
+    c.model.remat_policy = ml_collections.config_dict.placeholder(str)
     # EfficientNet-Lite stochastic depth: the last block's drop rate (None: the reference's 0.2).
     c.model.drop_connect_rate = ml_collections.config_dict.placeholder(float)
 

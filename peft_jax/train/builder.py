@@ -38,7 +38,8 @@ def model_overrides(cfg: ml_collections.ConfigDict) -> dict:
                              "use float32 for ResNets and EfficientNets")
         return {} if cfg.model.name in RESNET_NAMES else {"drop_connect_rate": cfg.model.get("drop_connect_rate")}
     return dict(patch_size=cfg.model.patch_size, depth=cfg.model.depth, pool=cfg.model.pool,
-                scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, dtype=dtype, matmul_dtype=matmul_dtype)
+                scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, remat_policy=cfg.model.get("remat_policy"),
+                dtype=dtype, matmul_dtype=matmul_dtype)
 
 
 def load_native(model: nnx.Module, directory: pathlib.Path, num_classes: int) -> None:
