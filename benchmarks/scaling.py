@@ -1,6 +1,6 @@
 """How the cost of a LoRA train step grows with the model and with the mesh, on this machine.
 
-    python benchmarks/scaling.py                  # updates BENCHMARKS.md and benchmarks/scaling.png
+    python benchmarks/scaling.py                  # updates BENCHMARKS.md and docs/figures/scaling.png
     python benchmarks/scaling.py --measure vit_ti16,vit_s16 --no_write
 
 Why: a user choosing between ViT-Ti and ViT-H, or sizing a mesh for ViT-H, needs to know what
@@ -42,7 +42,7 @@ SIZE_MODELS = ("vit_ti16", "vit_s16", "vit_b16", "vit_l16", "vit_h14")
 MESH_MODELS = ("vit_b16", "vit_h14")
 DEVICE_COUNTS = (1, 2, 4, 8)
 BATCH, IMAGE = 8, 224
-PLOT = ROOT / "benchmarks" / "scaling.png"
+PLOT = ROOT / "docs" / "figures" / "scaling.png"
 
 
 def peak_estimate(mem: dict) -> int:
@@ -243,7 +243,7 @@ def markdown(result: dict, command: str) -> str:
         one = next(o for o in result["mesh"] if o["model"] == r["model"] and o["num_devices"] == 1)
         lines.append(mesh_row(r, one))
     lines += ["", "Reading (ratios of the numbers above): " + " ".join(reading(result)), "",
-              "![cost by model size and mesh](benchmarks/scaling.png)"]
+              "![cost by model size and mesh](docs/figures/scaling.png)"]
     return "\n".join(lines) + "\n"
 
 
