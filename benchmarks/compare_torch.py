@@ -272,6 +272,22 @@ def peak_rss_since_reset() -> int | None:
     return int(kb) * 1024
 
 
+def serve_steps(one_step) -> None:
+    """A worker's line protocol on stdin/stdout until any other line: 'step' -> its seconds; 'reset_peak' -> null
+    (after warm-up: the steps' own peak, not compilation's); 'peak' -> peak RSS bytes since the reset."""
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            print(json.dumps(one_step()), flush=True)
+        elif command == "reset_peak":
+            reset_peak_rss()
+            print(json.dumps(None), flush=True)
+        elif command == "peak":
+            print(json.dumps(peak_rss_since_reset()), flush=True)
+        else:
+            break
+
+
 def worker_main(framework: str, case: str, threads: int) -> None:
     """Line protocol on stdin/stdout: 'step' -> seconds; 'done' -> final JSON."""
     model, method, dtype = CASES[case]
@@ -283,14 +299,7 @@ def worker_main(framework: str, case: str, threads: int) -> None:
     else:
         one_step, extra = jax_worker(model, method, dtype)
     print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() == "step":
-            print(json.dumps(one_step()), flush=True)
-        elif line.strip() == "reset_peak":  # after warm-up: the step's own peak, not compilation's
-            reset_peak_rss()
-            print(json.dumps(None), flush=True)
-        else:
-            break
+    serve_steps(one_step)
     extra = {k: v() if callable(v) else v for k, v in extra.items()}  # measured after the steps
     extra["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     extra["step_peak_rss_bytes"] = peak_rss_since_reset()

@@ -33,7 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from benchmarks_md import cpu_model, write_section  # noqa: E402  (beside this script)
-from compare_torch import peak_rss_since_reset, reset_peak_rss  # noqa: E402
+from compare_torch import serve_steps  # noqa: E402
 
 HEADING = "## ViT-B/16 LoRA step memory by remat policy and scheduler (`benchmarks/vit_memory.py`)"
 TORCH_HEADING = "## Train step vs PyTorch: vit_b16"
@@ -97,16 +97,7 @@ def worker_main(dtype: str, layers: str, remat: str) -> None:
     reset; anything else -> final JSON."""
     one_step, memory = build_step(dtype, layers, remat)
     print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() == "step":
-            print(json.dumps(one_step()), flush=True)
-        elif line.strip() == "reset_peak":  # after warm-up: the steps' own peak, not compilation's
-            reset_peak_rss()
-            print("null", flush=True)
-        elif line.strip() == "peak":
-            print(json.dumps(peak_rss_since_reset()), flush=True)
-        else:
-            break
+    serve_steps(one_step)
     print(json.dumps(memory), flush=True)
 
 
