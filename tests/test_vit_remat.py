@@ -59,3 +59,11 @@ def test_unknown_policy_is_refused_with_the_valid_names():
     with pytest.raises(UserError, match="model.remat_policy .*" + ", ".join(REMAT_POLICIES)) as refused:
         builder.build(cfg, 2)
     assert "\n" not in str(refused.value)
+
+
+def test_a_policy_without_remat_is_refused():
+    """Without model.remat the policy would change nothing: one error naming both fields, not a silent no-op."""
+    cfg = base_config()
+    cfg.model.update(name="vit_ti16", image_size=32, patch_size=8, depth=1, remat_policy="dots_saveable")
+    with pytest.raises(UserError, match=r"model.remat_policy=dots_saveable needs model.remat=True"):
+        builder.build(cfg, 2)

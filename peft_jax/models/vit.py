@@ -72,6 +72,8 @@ class ViTConfig:
         if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
             raise UserError(f"model.remat_policy must be unset (recompute the whole block) or one of "
                             f"{', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}")
+        if self.remat_policy is not None and not self.remat:  # a policy alone would change nothing, silently
+            raise UserError(f"model.remat_policy={self.remat_policy} needs model.remat=True (or unset the policy)")
 
     @property
     def grid_size(self) -> int:
