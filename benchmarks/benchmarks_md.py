@@ -16,6 +16,21 @@ def cpu_model() -> str:
         return platform.machine()
 
 
+def environment(*packages: str) -> dict:
+    """Where a figure was measured: date, CPU model, cores, Python, the JAX allocator and the named packages'
+    versions (every speed figure needs them beside it)."""
+    import datetime
+    import os
+    import platform
+    from importlib import metadata
+
+    from peft_jax import allocator
+
+    return {"date": str(datetime.date.today()), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "python": platform.python_version(), **{p: metadata.version(p) for p in packages},
+            "allocator": allocator.loaded()}
+
+
 def write_section(path: pathlib.Path, heading: str, section: str) -> None:
     """Replaces the section that starts with ``heading`` (or appends it); other sections stay as they are."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured on this project's machines.\n"

@@ -19,11 +19,9 @@ The last line printed is one JSON object with every median.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,8 +30,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import cpu_model, write_section  # noqa: E402  (beside this script)
-from peft_jax import allocator, runtime  # noqa: E402
+from benchmarks_md import environment, write_section  # noqa: E402  (beside this script)
+from peft_jax import runtime  # noqa: E402
 
 runtime.setup()  # the allocator launch/train.py uses
 
@@ -117,16 +115,6 @@ def time_steps(run, batches, steps: int) -> list[float]:
         run({"image": batch["image"], "label": batch["label"]})
         times.append(time.perf_counter() - t)
     return times
-
-
-def environment() -> dict:
-    from importlib import metadata
-
-    import jax
-
-    return {"date": str(datetime.date.today()), "cpu": cpu_model(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "jax": jax.__version__, "grain": metadata.version("grain"),
-            "pillow": metadata.version("pillow"), "allocator": allocator.loaded()}
 
 
 def markdown(result: dict, command: str) -> str:
@@ -220,7 +208,7 @@ def main() -> None:
     fed = {name: {"median_s": statistics.median(t), "images_per_s": BATCH / statistics.median(t)}
            for name, t in step_times.items()}
     result = {"model": args.model, "rounds": args.rounds, "batches": args.batches, "steps": args.steps,
-              "environment": environment(), "pipeline": pipeline,
+              "environment": environment("jax", "grain", "pillow"), "pipeline": pipeline,
               "step": {"median_s": alone, "images_per_s": BATCH / alone}, "fed": fed,
               "load_before": load_before, "load_after": os.getloadavg()[0]}
     command = "PEFT_JAX_DATA=../shared/data python benchmarks/input_pipeline.py " + " ".join(sys.argv[1:])

@@ -21,7 +21,6 @@ The last line printed is one JSON object with every row.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -35,7 +34,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # peft_jax uninstalled; benchmarks_md when a test imports this
 
-from benchmarks_md import cpu_model, write_section  # noqa: E402  (beside this script)
+from benchmarks_md import environment, write_section  # noqa: E402  (beside this script)
 
 HEADING = "## Cost by model size and mesh (`benchmarks/scaling.py`)"
 SIZE_MODELS = ("vit_ti16", "vit_s16", "vit_b16", "vit_l16", "vit_h14")
@@ -295,17 +294,6 @@ def plot(result: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def environment() -> dict:
-    import platform
-    from importlib import metadata
-
-    from peft_jax import allocator
-
-    return {"date": str(datetime.date.today()), "cpu": cpu_model(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "jax": metadata.version("jax"), "flax": metadata.version("flax"),
-            "allocator": allocator.loaded()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measure", default="vit_ti16,vit_s16,vit_b16",
@@ -333,7 +321,7 @@ def main() -> None:
     mesh = [run_worker(args, "mesh", model, n) for model in MESH_MODELS for n in DEVICE_COUNTS]
     lora = size_config(SIZE_MODELS[0]).peft
     result = {"size": size, "mesh": mesh, "warmup": args.warmup, "steps": args.steps,
-              "lora": {k: lora[k] for k in ("rank", "alpha", "targets")}, "environment": environment(),
+              "lora": {k: lora[k] for k in ("rank", "alpha", "targets")}, "environment": environment("jax", "flax"),
               "load_before": load_before, "load_after": os.getloadavg()[0], "wall_s": time.perf_counter() - start}
     section = markdown(result, " ".join(["python benchmarks/scaling.py", *sys.argv[1:]]))
     print(section)

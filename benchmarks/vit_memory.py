@@ -20,7 +20,6 @@ line printed is one JSON object with every row.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -32,7 +31,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from benchmarks_md import cpu_model, write_section  # noqa: E402  (beside this script)
+from benchmarks_md import environment, write_section  # noqa: E402  (beside this script)
 from compare_torch import serve_steps  # noqa: E402
 
 HEADING = "## ViT-B/16 LoRA step memory by remat policy and scheduler (`benchmarks/vit_memory.py`)"
@@ -245,15 +244,6 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment() -> dict:
-    from importlib import metadata
-
-    from peft_jax import allocator
-
-    return {"date": str(datetime.date.today()), "cpu": cpu_model(), "cores": os.cpu_count(),
-            "jax": metadata.version("jax"), "allocator": allocator.loaded()}
-
-
 def run(args: argparse.Namespace) -> dict:
     """Every row of every dtype; one reference worker per dtype."""
     start, load_before = time.perf_counter(), os.getloadavg()[0]
@@ -266,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
                  for layers in args.layers.split(",") for scheduler in args.schedulers.split(",")
                  for remat in args.remat.split(",")]
         reference.finish()
-    return {"rows": rows, "warmup": args.warmup, "steps": args.steps, "environment": environment(),
+    return {"rows": rows, "warmup": args.warmup, "steps": args.steps, "environment": environment("jax"),
             "torch": torch_peaks(pathlib.Path(args.out)), "load_before": load_before,
             "load_after": os.getloadavg()[0], "wall_s": time.perf_counter() - start}
 
