@@ -11,8 +11,12 @@ the ratio, peak memory (resident set on CPU, device peak on GPU), optimizer-stat
 trainable parameter, and for JAX the FLOP utilisation (XLA's cost analysis of the step) against
 the matmul ceiling measured in the same run. For the ``--allocator_cases`` more JAX workers run
 the same step under each other malloc (tcmalloc, mimalloc, glibc: ``peft_jax/allocator.py``),
-interleaved with the rest, into a section of their own. The last line printed is one JSON object: per case, ``<case>_speedup`` (torch's step time
-over JAX's) and ``<case>_memory_ratio`` (JAX's peak memory in the timed steps over torch's).
+interleaved with the rest, into a section of their own. JAX workers compile as the launchers do, with
+XLA:CPU's concurrency-optimised scheduler off (``peft_jax/xla_cpu.py``); for the ``--scheduler_cases`` one more
+JAX worker runs with it on (XLA's own default), into another section. The last line printed is one JSON object: per case, ``<case>_speedup`` (torch's step time
+over JAX's) and ``<case>_memory_ratio`` (JAX's peak memory in the timed steps over torch's), and for the
+scheduler cases ``<case>_concurrency_scheduler_speedup`` and ``<case>_concurrency_scheduler_memory_ratio``, against the
+same torch steps.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks_md import cpu_model, write_section  # noqa: E402  (beside this script)
+from peft_jax import xla_cpu  # noqa: E402
 
 SIZE = 224
 # case -> (model, method, dtype)
@@ -46,6 +51,7 @@ CASES = {
 }
 CPU_CASES = [c for c in CASES if not c.startswith("vit_h14")]
 GPU_CASES = ["vit_b16_lora_bf16", "vit_h14_lora_bf16"]
+SCHEDULER_WORKER = "jax_concurrency_scheduler"  # its worker's name; the other 'jax_<name>' workers are allocators
 VIT_DIMS = {"vit_b16": (768, 12, 12, 3072, 16), "vit_h14": (1280, 32, 16, 5120, 14)}  # width, depth, heads, mlp, patch
 
 
@@ -309,13 +315,16 @@ def worker_main(framework: str, case: str, threads: int) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
-def start(worker: str, case: str, threads: int, malloc: tuple[str, str | None]) -> subprocess.Popen:
-    """worker: 'jax' or 'jax_<allocator>' (JAX under ``malloc``, (name, library), set as the launchers
-    set it) or 'torch' (the default allocator)."""
-    from peft_jax import allocator
+def start(worker: str, case: str, threads: int, malloc: tuple[str, str | None], xla_flags: str = "") -> subprocess.Popen:
+    """worker: 'jax', 'jax_<allocator>' or SCHEDULER_WORKER (JAX under ``malloc``, (name, library), set as the
+    launchers set it, with ``xla_flags`` added to XLA_FLAGS before the launchers' scheduler setting) or 'torch'
+    (the default allocator)."""
+    from peft_jax import allocator, xla_cpu
 
     env = allocator.preload_env(*(("default", None) if worker == "torch" else malloc), os.environ)
     env["PEFT_JAX_ALLOCATOR"] = "default"  # the worker does not re-execute itself
+    if worker != "torch":
+        env = xla_cpu.scheduler_env({**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()})
     if settings()["device"] == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     framework = "torch" if worker == "torch" else "jax"
@@ -327,13 +336,16 @@ def start(worker: str, case: str, threads: int, malloc: tuple[str, str | None]) 
     return proc
 
 
-def measure(case: str, steps: int, warmup: int, threads: int, mallocs: dict[str, str | None]) -> dict:
+def measure(case: str, steps: int, warmup: int, threads: int, mallocs: dict[str, str | None],
+            concurrency_scheduler: bool = False) -> dict:
     """``mallocs``: allocator name -> library, the first for the 'jax' worker, each other one for a
-    'jax_<name>' worker."""
+    'jax_<name>' worker; ``concurrency_scheduler`` adds SCHEDULER_WORKER (the first allocator, XLA's own scheduler)."""
     (main_name, main_lib), *others = mallocs.items()
     workers = {"jax": start("jax", case, threads, (main_name, main_lib)),
                "torch": start("torch", case, threads, ("default", None))}
     workers.update({f"jax_{name}": start(f"jax_{name}", case, threads, (name, lib)) for name, lib in others})
+    if concurrency_scheduler:
+        workers[SCHEDULER_WORKER] = start(SCHEDULER_WORKER, case, threads, (main_name, main_lib), SCHEDULER_ON)
     times = {name: [] for name in workers}
     for i in range(warmup + steps):
         if i == warmup:
@@ -357,18 +369,21 @@ def measure(case: str, steps: int, warmup: int, threads: int, mallocs: dict[str,
         median = statistics.median(times[name])
         result[name] = {"median_s": median, "images_per_s": batch / median, "times": times[name], **extra}
     result["speedup"] = result["torch"]["median_s"] / result["jax"]["median_s"]
-    result["memory_ratio"] = memory_ratio(result)
+    result["memory_ratio"] = memory_ratio(result["jax"], result["torch"])
+    if concurrency_scheduler:
+        on = result[SCHEDULER_WORKER]
+        on["speedup"], on["memory_ratio"] = result["torch"]["median_s"] / on["median_s"], memory_ratio(on, result["torch"])
     j = result["jax"]
     ceiling = j["bf16_ceiling"] if CASES[case][2] == "bf16" else j["fp32_ceiling"]
     result["jax_utilisation"] = j["flops_per_step"] / j["median_s"] / ceiling
     return result
 
 
-def memory_ratio(result: dict) -> float | None:
+def memory_ratio(jax_worker_result: dict, torch_worker_result: dict) -> float | None:
     """JAX's peak memory over torch's in the timed steps: the device peak on a GPU (the only place it is
     set), the resident set's peak on CPU."""
     for key in ("device_peak_bytes", "step_peak_rss_bytes"):
-        jax_bytes, torch_bytes = result["jax"].get(key), result["torch"].get(key)
+        jax_bytes, torch_bytes = jax_worker_result.get(key), torch_worker_result.get(key)
         if jax_bytes and torch_bytes:
             return jax_bytes / torch_bytes
     return None
@@ -388,8 +403,10 @@ def write_markdown(results: list[dict], command: str, allocator: str, path: path
         rows = [r for r in results if CASES[r["case"]][0] == model]
         heading = f"## {'GPU train step' if gpu else 'Train step'} vs PyTorch: {model}"
         write_section(path, heading, model_section(heading, rows, command, allocator, where, peak_tflops, gpu))
-    if any(k.startswith("jax_") and isinstance(v, dict) for r in results for k, v in r.items()):  # other mallocs ran
+    if any(allocator_runs(r)[1:] for r in results):  # other mallocs ran
         write_section(path, ALLOCATOR_HEADING, allocator_markdown(results, command, where))
+    if any(SCHEDULER_WORKER in r for r in results):
+        write_section(path, SCHEDULER_HEADING, scheduler_markdown(results, command, where))
 
 
 def model_section(heading: str, results: list[dict], command: str, allocator: str, where: str, peak_tflops: float,
@@ -448,13 +465,45 @@ def allocator_markdown(results: list[dict], command: str, where: str) -> str:
              "| case | allocator | JAX img/s | step time / the first row's | peak RSS GB in the timed steps |",
              "|---|---|---:|---:|---:|"]
     for r in results:
-        runs = [(r["allocator"], r["jax"])] + [(k.removeprefix("jax_"), v) for k, v in r.items()
-                                               if k.startswith("jax_") and isinstance(v, dict)]
+        runs = allocator_runs(r)
         if len(runs) == 1:
             continue
         for name, w in runs:
             lines.append(f"| {r['case']} | {name} | {w['images_per_s']:.2f} | {w['median_s'] / r['jax']['median_s']:.2f}x "
                          f"| {_gb(w['step_peak_rss_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def allocator_runs(result: dict) -> list[tuple[str, dict]]:
+    """(allocator, worker result) of a case's JAX workers that differ only in their malloc, the main one first."""
+    return [(result["allocator"], result["jax"])] + [
+        (k.removeprefix("jax_"), v) for k, v in result.items()
+        if k.startswith("jax_") and k != SCHEDULER_WORKER and isinstance(v, dict)]
+
+
+SCHEDULER_ON = f"{xla_cpu.SCHEDULER_FLAG}=true"
+SCHEDULER_HEADING = "## JAX step by XLA:CPU scheduler (`benchmarks/compare_torch.py`)"
+
+
+def scheduler_markdown(results: list[dict], command: str, where: str) -> str:
+    """The ``--scheduler_cases`` table: the step as the launchers compile it (scheduler off) and with XLA:CPU's
+    concurrency-optimised scheduler (XLA's default), each against the same torch steps."""
+    lines = [SCHEDULER_HEADING, "", f"Command: `{command}`  ",
+             f"Date: {datetime.date.today()}; CPU: {where}; load average {os.getloadavg()[0]:.1f} at the end; "
+             f"`{SCHEDULER_ON}` in the second worker's XLA_FLAGS; its steps interleaved with the launchers' "
+             "and torch's, medians after warm-up.", "",
+             "| case | scheduler | JAX img/s | step time / the launchers' | JAX / torch | JAX scratch GB | "
+             "peak RSS GB in the timed steps | JAX / torch peak RSS |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if SCHEDULER_WORKER not in r:
+            continue
+        for name, w, speedup, ratio in (("off (the launchers')", r["jax"], r["speedup"], r["memory_ratio"]),
+                                        ("concurrency-optimised (XLA's)", r[SCHEDULER_WORKER],
+                                         r[SCHEDULER_WORKER]["speedup"], r[SCHEDULER_WORKER]["memory_ratio"])):
+            lines.append(f"| {r['case']} | {name} | {w['images_per_s']:.2f} | {w['median_s'] / r['jax']['median_s']:.2f}x "
+                         f"| {speedup:.2f}x | {_gb(w['xla_temp_bytes'])} | {_gb(w['step_peak_rss_bytes'])} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -470,6 +519,8 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="datasheet peak for an MFU line (bf16)")
     parser.add_argument("--allocator_cases", default="vit_b16_lora_fp32,resnet50_full_fp32",
                         help="cases also timed with JAX under each other installed allocator (CPU only)")
+    parser.add_argument("--scheduler_cases", default="",
+                        help="cases also timed with XLA:CPU's concurrency-optimised scheduler ('all': every case run)")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--worker", choices=("jax", "torch"))
     parser.add_argument("--case")
@@ -491,11 +542,13 @@ def main() -> None:
         print(f"error: unknown --cases {', '.join(unknown)}; valid: {', '.join(CASES)}", file=sys.stderr)
         raise SystemExit(2)
     allocator_cases = set(args.allocator_cases.split(",")) if args.allocator_cases and args.device == "cpu" else set()
+    scheduler_cases = set() if args.device != "cpu" or not args.scheduler_cases else (
+        set(cases) if args.scheduler_cases == "all" else set(args.scheduler_cases.split(",")))
     results = []
     for case in cases:
         print(f"[compare_torch] {case} ...", file=sys.stderr, flush=True)
         mallocs = {chosen[0]: chosen[1], **(others if case in allocator_cases else {})}
-        r = measure(case, args.steps, args.warmup, args.threads, mallocs)
+        r = measure(case, args.steps, args.warmup, args.threads, mallocs, concurrency_scheduler=case in scheduler_cases)
         print(f"[compare_torch] {case}: JAX {r['jax']['images_per_s']:.2f} img/s, torch "
               f"{r['torch']['images_per_s']:.2f} img/s, {r['speedup']:.2f}x", file=sys.stderr, flush=True)
         results.append(r)
@@ -506,6 +559,11 @@ def main() -> None:
         name = r["case"].removesuffix("_fp32")
         summary[f"{name}_speedup"] = round(r["speedup"], 3)
         summary[f"{name}_memory_ratio"] = None if r["memory_ratio"] is None else round(r["memory_ratio"], 3)
+        if SCHEDULER_WORKER in r:
+            on = r[SCHEDULER_WORKER]
+            summary[f"{name}_concurrency_scheduler_speedup"] = round(on["speedup"], 3)
+            summary[f"{name}_concurrency_scheduler_memory_ratio"] = (None if on["memory_ratio"] is None
+                                                                      else round(on["memory_ratio"], 3))
     print(json.dumps(summary))
 
 

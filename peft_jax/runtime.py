@@ -1,7 +1,8 @@
-"""Process set-up shared by the launch scripts: the allocator and friendly errors.
+"""Process set-up shared by the launch scripts: the XLA:CPU scheduler, the allocator and friendly errors.
 
-``setup()`` re-executes the script under tcmalloc or mimalloc (``peft_jax/allocator.py`` says why
-and how to choose; ``PEFT_JAX_ALLOCATOR=default`` opts out).
+``setup()`` turns XLA:CPU's concurrency-optimised scheduler off (``peft_jax/xla_cpu.py`` says why;
+``XLA_FLAGS`` that set it win) and re-executes the script under tcmalloc or mimalloc
+(``peft_jax/allocator.py`` says why and how to choose; ``PEFT_JAX_ALLOCATOR=default`` opts out).
 """
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import os
 import sys
 from collections.abc import Callable
 
-from peft_jax import allocator
+from peft_jax import allocator, xla_cpu
 
 
 def setup() -> None:
-    """Runs the script under a malloc that keeps XLA's scratch buffer (may re-execute it)."""
+    """Compiles with the smaller-memory scheduler and runs the script under a malloc that keeps XLA's scratch
+    buffer (may re-execute it); before jax is imported."""
+    xla_cpu.setup()
     allocator.reexec()
 
 
