@@ -319,7 +319,7 @@ def start(worker: str, case: str, threads: int, malloc: tuple[str, str | None], 
     """worker: 'jax', 'jax_<allocator>' or SCHEDULER_WORKER (JAX under ``malloc``, (name, library), set as the
     launchers set it, with ``xla_flags`` added to XLA_FLAGS before the launchers' scheduler setting) or 'torch'
     (the default allocator)."""
-    from peft_jax import allocator, xla_cpu
+    from peft_jax import allocator
 
     env = allocator.preload_env(*(("default", None) if worker == "torch" else malloc), os.environ)
     env["PEFT_JAX_ALLOCATOR"] = "default"  # the worker does not re-execute itself

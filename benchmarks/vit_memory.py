@@ -34,12 +34,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from benchmarks_md import environment, write_section  # noqa: E402  (beside this script)
 from compare_torch import serve_steps  # noqa: E402
 
+from peft_jax import xla_cpu  # noqa: E402
+
 HEADING = "## ViT-B/16 LoRA step memory by remat policy and scheduler (`benchmarks/vit_memory.py`)"
 TORCH_HEADING = "## Train step vs PyTorch: vit_b16"
 BATCH, SIZE = 8, 224
 # --remat names: no remat, the whole block (model.remat_policy unset, i.e. nothing_saveable), or a policy.
 REMATS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "projections_saveable")
-SCHEDULERS = {"default": "", "concurrency_off": "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
+SCHEDULERS = {"default": "", "concurrency_off": xla_cpu.SCHEDULER_OFF}  # default: XLA's own (the launchers turn it off)
 LAYERS = ("unrolled", "scanned")  # model.scan_layers False / True
 REFERENCE = ("unrolled", "none", "default")  # layers, remat, scheduler of every row's time reference
 TIME_LIMIT = 1.05  # the bound on the step time, relative to the reference
