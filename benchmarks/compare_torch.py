@@ -537,10 +537,12 @@ def main() -> None:
     allocator = f"{chosen[0]} ({chosen[1]})" if chosen[1] else (
         "the platform's" if args.device == "gpu" else "glibc malloc (no tcmalloc or mimalloc installed)")
     cases = (args.cases or ",".join(GPU_CASES if args.device == "gpu" else CPU_CASES)).split(",")
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        print(f"error: unknown --cases {', '.join(unknown)}; valid: {', '.join(CASES)}", file=sys.stderr)
-        raise SystemExit(2)
+    for flag, names in (("--cases", cases), ("--allocator_cases", args.allocator_cases.split(",")),
+                        ("--scheduler_cases", [] if args.scheduler_cases == "all" else args.scheduler_cases.split(","))):
+        unknown = [c for c in names if c and c not in CASES]
+        if unknown:
+            print(f"error: unknown {flag} {', '.join(unknown)}; valid: {', '.join(CASES)}", file=sys.stderr)
+            raise SystemExit(2)
     allocator_cases = set(args.allocator_cases.split(",")) if args.allocator_cases and args.device == "cpu" else set()
     scheduler_cases = set() if args.device != "cpu" or not args.scheduler_cases else (
         set(cases) if args.scheduler_cases == "all" else set(args.scheduler_cases.split(",")))
