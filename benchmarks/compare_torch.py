@@ -303,6 +303,7 @@ def worker_main(framework: str, case: str, threads: int) -> None:
         torch.set_num_threads(threads)
         one_step, extra = torch_worker(model, method, dtype)
     else:
+        xla_cpu.set_dispatch()  # as the launchers dispatch (peft_jax/xla_cpu.py)
         one_step, extra = jax_worker(model, method, dtype)
     print("ready", flush=True)
     serve_steps(one_step)

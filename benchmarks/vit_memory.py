@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -33,6 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from benchmarks_md import environment, write_section  # noqa: E402  (beside this script)
 from compare_torch import serve_steps  # noqa: E402
+from workers import WorkerProcess  # noqa: E402
 
 from peft_jax import xla_cpu  # noqa: E402
 
@@ -102,35 +102,19 @@ def worker_main(dtype: str, layers: str, remat: str) -> None:
     print(json.dumps(memory), flush=True)
 
 
-class Worker:
-    """One row's process: started, compiled and ready when constructed."""
-
-    def __init__(self, dtype: str, layers: str, remat: str, scheduler: str):
-        self.row = {"dtype": dtype, "layers": layers, "remat": remat, "scheduler": scheduler}
-        flags = f"{os.environ.get('XLA_FLAGS', '')} {SCHEDULERS[scheduler]}".strip()
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-        print(f"[vit_memory] {dtype} {layers} remat={remat} scheduler={scheduler}", file=sys.stderr, flush=True)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", "--dtypes", dtype, "--layers", layers,
-                                      "--remat", remat], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=env)
-        if self.proc.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"the worker for {self.row} failed to start (exit code {self.proc.wait()})")
-
-    def ask(self, command: str):
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def finish(self) -> dict:
-        result = self.ask("done")
-        self.proc.wait()
-        return {**self.row, **result}
+def start_worker(dtype: str, layers: str, remat: str, scheduler: str) -> WorkerProcess:
+    """One row's process, compiled and ready."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {SCHEDULERS[scheduler]}".strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    print(f"[vit_memory] {dtype} {layers} remat={remat} scheduler={scheduler}", file=sys.stderr, flush=True)
+    return WorkerProcess({"dtype": dtype, "layers": layers, "remat": remat, "scheduler": scheduler},
+                         [__file__, "--worker", "--dtypes", dtype, "--layers", layers, "--remat", remat], env)
 
 
-def measure(row: tuple[str, str, str, str], reference: Worker, warmup: int, steps: int) -> dict:
+def measure(row: tuple[str, str, str, str], reference: WorkerProcess, warmup: int, steps: int) -> dict:
     """A row (dtype, layers, remat, scheduler): its worker's steps alternated with the reference's, its median
     over the reference's in the same window and its peak RSS there; then its peak after steps back to back."""
-    worker = Worker(*row)
+    worker = start_worker(*row)
     times, reference_times = [], []
     for i in range(warmup + steps):
         if i == warmup:
@@ -251,7 +235,7 @@ def run(args: argparse.Namespace) -> dict:
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     rows = []
     for dtype in args.dtypes.split(","):
-        reference = Worker(dtype, *REFERENCE)
+        reference = start_worker(dtype, *REFERENCE)
         for _ in range(args.warmup):
             reference.ask("step")
         rows += [measure((dtype, layers, remat, scheduler), reference, args.warmup, args.steps)

@@ -1,8 +1,9 @@
 """Process set-up shared by the launch scripts: the XLA:CPU scheduler, the allocator and friendly errors.
 
 ``setup()`` turns XLA:CPU's concurrency-optimised scheduler off (``peft_jax/xla_cpu.py`` says why;
-``XLA_FLAGS`` that set it win) and re-executes the script under tcmalloc or mimalloc
-(``peft_jax/allocator.py`` says why and how to choose; ``PEFT_JAX_ALLOCATOR=default`` opts out).
+``XLA_FLAGS`` that set it win), re-executes the script under tcmalloc or mimalloc
+(``peft_jax/allocator.py`` says why and how to choose; ``PEFT_JAX_ALLOCATOR=default`` opts out) and
+dispatches CPU steps inline (``xla_cpu.py`` again; ``PEFT_JAX_CPU_ASYNC_DISPATCH=1`` opts out).
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from peft_jax import allocator, xla_cpu
 
 def setup() -> None:
     """Compiles with the smaller-memory scheduler and runs the script under a malloc that keeps XLA's scratch
-    buffer (may re-execute it); before jax is imported."""
+    buffer (may re-execute it), one scratch buffer at a time; before jax's CPU client starts."""
     xla_cpu.setup()
     allocator.reexec()
+    xla_cpu.set_dispatch()
 
 
 # ``--config.a.b=None`` overrides, taken out of argv before absl parses it (ml_collections would parse

@@ -258,7 +258,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: Workdir, state: TrainState, s
           clock: StartupClock | None = None) -> None:
     """Steps until ``train.num_steps`` or early stopping: logs, validates, checkpoints and honours SIGTERM.
 
-    A step's metrics are read one step late, so the host never stalls the device. ``clock``: the
+    A step's metrics are read one step late, so the host never stalls an accelerator (CPU steps run
+    inline: peft_jax/xla_cpu.py). ``clock``: the
     start-up line is printed once the first step (and with it the compilation) is dispatched.
     """
     num_steps, t = int(cfg.train.num_steps), cfg.train
