@@ -35,7 +35,9 @@ def _model_and_peft(c: ml_collections.ConfigDict) -> None:
     c.model.depth = ml_collections.config_dict.placeholder(int)
     c.model.pool = ml_collections.config_dict.placeholder(str)
     c.model.scan_layers = False
-    c.model.remat = False
+    # ViTs: recompute block activations in the backward pass. Unset (with remat_policy unset too): the method's
+    # measured default (train/builder.py AUTO_REMAT_POLICIES: LoRA recomputes all but the projections).
+    c.model.remat = ml_collections.config_dict.placeholder(bool)
     # With remat: what each block keeps for the backward pass (models/vit.py REMAT_POLICIES: nothing_saveable,
     # dots_saveable, dots_with_no_batch_dims_saveable, projections_saveable); None recomputes the whole block.
     c.model.remat_policy = ml_collections.config_dict.placeholder(str)

@@ -67,3 +67,29 @@ def test_a_policy_without_remat_is_refused():
     cfg.model.update(name="vit_ti16", image_size=32, patch_size=8, depth=1, remat_policy="dots_saveable")
     with pytest.raises(UserError, match=r"model.remat_policy=dots_saveable needs model.remat=True"):
         builder.build(cfg, 2)
+
+
+@pytest.mark.parametrize("method,remat,policy,expected", [
+    ("lora", None, None, (True, "projections_saveable")),  # both unset: LoRA's measured default
+    ("full", None, None, (False, None)),  # not measured that way: every activation kept
+    ("lora", False, None, (False, None)),  # an explicit choice wins
+    ("lora", True, None, (True, None)),  # remat alone: the whole block, as before
+    ("full", True, "dots_saveable", (True, "dots_saveable")),
+])
+def test_unset_remat_takes_the_methods_measured_default(method, remat, policy, expected):
+    cfg = base_config()
+    cfg.model.update(name="vit_ti16", image_size=32, patch_size=8, depth=1, remat=remat, remat_policy=policy)
+    cfg.peft.method = method
+    model = builder.build_abstract(cfg, 3).model
+    assert (model.config.remat, model.config.remat_policy) == expected
+
+
+def test_a_run_may_continue_with_remat_changed():
+    """remat changes memory and time, not the experiment: a workdir's checkpoints stay usable across it."""
+    from peft_jax.train.workdir import differences, experiment_identity
+
+    before, after = base_config(), base_config()
+    after.model.update(remat=True, remat_policy="dots_saveable")
+    assert differences(experiment_identity(before), experiment_identity(after)) == []
+    after.model.depth = 2
+    assert differences(experiment_identity(before), experiment_identity(after)) == ["model.depth"]

@@ -25,6 +25,21 @@ class Built:
     base_hash: str | None  # sha256 of the backbone before surgery (None for abstract models)
 
 
+# model.remat and model.remat_policy both unset: the policy measured best for the method on a ViT (BENCHMARKS.md,
+# "ViT-B/16 LoRA step memory by remat policy and scheduler", two runs): LoRA's scratch buffer 1.46 -> 0.67 GB, peak
+# 2.36 -> 1.64 GB (torch+peft 2.11) at 0.98-1.04x the step time. The other methods are not measured that way yet,
+# so they keep every activation.
+AUTO_REMAT_POLICIES = {"lora": "projections_saveable"}
+
+
+def remat_setting(cfg: ml_collections.ConfigDict) -> tuple[bool, str | None]:
+    """(model.remat, model.remat_policy) for a ViT: the config's, or with both unset the method's measured default."""
+    remat, policy = cfg.model.get("remat"), cfg.model.get("remat_policy")
+    if remat is None and policy is None and cfg.peft.method in AUTO_REMAT_POLICIES:
+        return True, AUTO_REMAT_POLICIES[cfg.peft.method]
+    return bool(remat), policy
+
+
 def model_overrides(cfg: ml_collections.ConfigDict) -> dict:
     dtype, matmul_dtype = cfg.train.compute_dtype, cfg.train.get("matmul_dtype")
     if dtype not in ("float32", "bfloat16"):
@@ -37,8 +52,9 @@ def model_overrides(cfg: ml_collections.ConfigDict) -> dict:
             raise UserError("train.compute_dtype / train.matmul_dtype 'bfloat16' are implemented for ViTs only; "
                              "use float32 for ResNets and EfficientNets")
         return {} if cfg.model.name in RESNET_NAMES else {"drop_connect_rate": cfg.model.get("drop_connect_rate")}
+    remat, remat_policy = remat_setting(cfg)
     return dict(patch_size=cfg.model.patch_size, depth=cfg.model.depth, pool=cfg.model.pool,
-                scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, remat_policy=cfg.model.get("remat_policy"),
+                scan_layers=cfg.model.scan_layers, remat=remat, remat_policy=remat_policy,
                 dtype=dtype, matmul_dtype=matmul_dtype)
 
 

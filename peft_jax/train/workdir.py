@@ -48,7 +48,10 @@ RESUMABLE_CHANGES = ("train.num_steps", "train.progress", "train.log_every", "tr
                      # how the run is spread over hosts: each process has its own process_id, and a
                      # relaunch may get another coordinator port; the losses are the same (the two-process test)
                      "distributed.enabled", "distributed.coordinator_address", "distributed.num_processes",
-                     "distributed.process_id")
+                     "distributed.process_id",
+                     # what the backward pass recomputes: memory and time only, the same function and gradients
+                     # (a run that ran out of memory may continue with remat on)
+                     "model.remat", "model.remat_policy")
 # The fixes a NaN/Inf stop advises. After such a stop they may change, and the run then starts over from
 # step 0: the last checkpoint may already hold the overflowing weights (the check lags one step behind
 # the update), and a run that used one learning rate before its checkpoint and another after it would be
