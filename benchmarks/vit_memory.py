@@ -1,7 +1,8 @@
-"""Peak memory and step time of the ViT-B/16 LoRA train step by rematerialisation policy and XLA:CPU scheduler.
+"""Peak memory and step time of a ViT-B/16 PEFT train step by rematerialisation policy and XLA:CPU scheduler.
 
     python benchmarks/vit_memory.py                    # fp32 rows, writes its BENCHMARKS.md section
     python benchmarks/vit_memory.py --dtypes bf16 --layers scanned --remat none,projections_saveable --no_write
+    python benchmarks/vit_memory.py --method vpt_deep    # another compare_torch ViT method, its own section
 
 Why (issue #19): JAX's LoRA step peaks above torch+peft's on CPU, most of it XLA's temp buffer. A PEFT step
 with a frozen backbone needs few activations for its backward pass, so recomputing the rest (``model.remat``
@@ -9,12 +10,14 @@ with a ``model.remat_policy``) may buy the memory back cheaply; XLA:CPU's concur
 (``--xla_cpu_enable_concurrency_optimized_scheduler``) keeps more buffers alive, and unrolled blocks let it
 schedule recomputation early, which a scan (``model.scan_layers``) does not. Each row is one worker
 process (its own XLA_FLAGS, read once at start, and its own peak RSS) running compare_torch.py's
-vit_b16_lora configuration. Its steps, warm-up included, alternate with those of a reference worker (unrolled,
-no remat, default scheduler, same dtype) that lives for the whole run: a row's step time is compared with
+vit_b16_<method> configuration (LoRA by default). Its steps, warm-up included, alternate with those of a
+reference worker (unrolled, no remat, default scheduler, same dtype) that lives for the whole run: a row's
+step time is compared with
 steps taken in the same minutes on these shared cores, and, as in compare_torch's interleaving, each step
 starts long after the previous one freed its temp buffer. Then the row runs a few steps back to back, as the
-train loop does: there a step can allocate its temp buffer before the previous step's is freed, and with a
-malloc that keeps freed memory (tcmalloc, mimalloc) the process then holds two from that step on. The last
+train loop does: under JAX's asynchronous dispatch a step could allocate its temp buffer before the previous
+step's was freed, and with a malloc that keeps freed memory (tcmalloc, mimalloc) the process then held two
+(the launchers now dispatch inline: benchmarks/dispatch_memory.py). The last
 line printed is one JSON object with every row.
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ from workers import WorkerProcess  # noqa: E402
 
 from peft_jax import xla_cpu  # noqa: E402
 
-HEADING = "## ViT-B/16 LoRA step memory by remat policy and scheduler (`benchmarks/vit_memory.py`)"
+METHODS = ("lora", "full", "linear", "ssf", "vpt_deep")  # compare_torch.py's ViT-B/16 methods
 TORCH_HEADING = "## Train step vs PyTorch: vit_b16"
 BATCH, SIZE = 8, 224
 # --remat names: no remat, the whole block (model.remat_policy unset, i.e. nothing_saveable), or a policy.
@@ -48,8 +51,14 @@ TIME_LIMIT = 1.05  # the issue's bound on the step time, relative to the referen
 BACK_TO_BACK = 10  # steps each row runs back to back after its timed ones (the overlap is a race)
 
 
-def step_config(dtype: str, layers: str, remat: str):
-    """compare_torch.py's vit_b16_lora_<dtype> JAX configuration, whose torch figures this is read against."""
+def heading(method: str) -> str:
+    """The method's BENCHMARKS.md section (LoRA's keeps the heading it was first written under)."""
+    name = "LoRA" if method == "lora" else method
+    return f"## ViT-B/16 {name} step memory by remat policy and scheduler (`benchmarks/vit_memory.py`)"
+
+
+def step_config(dtype: str, layers: str, remat: str, method: str):
+    """compare_torch.py's vit_b16_<method>_<dtype> JAX configuration, whose torch figures this is read against."""
     from peft_jax.config import base_config
 
     cfg = base_config()
@@ -57,14 +66,14 @@ def step_config(dtype: str, layers: str, remat: str):
     cfg.model.scan_layers = layers == "scanned"
     cfg.model.remat = remat != "none"
     cfg.model.remat_policy = None if remat in ("none", "full") else remat
-    cfg.peft.method = "lora"
+    cfg.peft.method = method
     cfg.train.update(num_steps=1000, warmup_steps=10, grad_clip=0.0, weight_decay=0.01, batch_size=BATCH)
     if dtype == "bf16":  # as compare_torch's CPU bf16 rows: bf16 products, float32 activations
         cfg.train.matmul_dtype = "bfloat16"
     return cfg
 
 
-def build_step(dtype: str, layers: str, remat: str):
+def build_step(dtype: str, layers: str, remat: str, method: str):
     """(one_step, memory): a callable that runs one train step and returns its seconds, and XLA's memory
     analysis of the compiled step."""
     import jax
@@ -74,7 +83,7 @@ def build_step(dtype: str, layers: str, remat: str):
     from peft_jax.train import builder, step as step_lib
     from peft_jax.train.state import setup
 
-    cfg = step_config(dtype, layers, remat)
+    cfg = step_config(dtype, layers, remat, method)
     built = builder.build(cfg, 2)
     state = setup(cfg, built.model, built.trainable, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
     rng = np.random.default_rng(0)
@@ -93,28 +102,30 @@ def build_step(dtype: str, layers: str, remat: str):
     return one_step, memory
 
 
-def worker_main(dtype: str, layers: str, remat: str) -> None:
+def worker_main(dtype: str, layers: str, remat: str, method: str) -> None:
     """Line protocol on stdin/stdout: 'step' -> seconds; 'reset_peak' -> null; 'peak' -> peak RSS bytes since the
     reset; anything else -> final JSON."""
-    one_step, memory = build_step(dtype, layers, remat)
+    one_step, memory = build_step(dtype, layers, remat, method)
     print("ready", flush=True)
     serve_steps(one_step)
     print(json.dumps(memory), flush=True)
 
 
-def start_worker(dtype: str, layers: str, remat: str, scheduler: str) -> WorkerProcess:
+def start_worker(method: str, dtype: str, layers: str, remat: str, scheduler: str) -> WorkerProcess:
     """One row's process, compiled and ready."""
     flags = f"{os.environ.get('XLA_FLAGS', '')} {SCHEDULERS[scheduler]}".strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-    print(f"[vit_memory] {dtype} {layers} remat={remat} scheduler={scheduler}", file=sys.stderr, flush=True)
+    print(f"[vit_memory] {method} {dtype} {layers} remat={remat} scheduler={scheduler}", file=sys.stderr, flush=True)
     return WorkerProcess({"dtype": dtype, "layers": layers, "remat": remat, "scheduler": scheduler},
-                         [__file__, "--worker", "--dtypes", dtype, "--layers", layers, "--remat", remat], env)
+                         [__file__, "--worker", "--method", method, "--dtypes", dtype, "--layers", layers, "--remat",
+                          remat], env)
 
 
-def measure(row: tuple[str, str, str, str], reference: WorkerProcess, warmup: int, steps: int) -> dict:
-    """A row (dtype, layers, remat, scheduler): its worker's steps alternated with the reference's, its median
-    over the reference's in the same window and its peak RSS there; then its peak after steps back to back."""
-    worker = start_worker(*row)
+def measure(method: str, row: tuple[str, str, str, str], reference: WorkerProcess, warmup: int, steps: int) -> dict:
+    """A row (dtype, layers, remat, scheduler) of ``method``: its worker's steps alternated with the reference's,
+    its median over the reference's in the same window and its peak RSS there; then its peak after steps back
+    to back."""
+    worker = start_worker(method, *row)
     times, reference_times = [], []
     for i in range(warmup + steps):
         if i == warmup:
@@ -133,7 +144,7 @@ def measure(row: tuple[str, str, str, str], reference: WorkerProcess, warmup: in
             "relative_step_time": median / reference_median}
 
 
-def torch_peaks(benchmarks_md: pathlib.Path) -> dict:
+def torch_peaks(benchmarks_md: pathlib.Path, method: str) -> dict:
     """torch+peft's peak RSS in the timed steps (GB, as printed) per dtype and the date, quoted from the committed
     compare_torch vit_b16 section."""
     text = benchmarks_md.read_text() if benchmarks_md.exists() else ""
@@ -141,10 +152,10 @@ def torch_peaks(benchmarks_md: pathlib.Path) -> dict:
         return {}
     section = text.split(TORCH_HEADING, 1)[1].split("\n## ", 1)[0]
     date = section.split("Date: ", 1)[1].split(";", 1)[0] if "Date: " in section else "undated"
-    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| vit_b16_lora_")]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith(f"| vit_b16_{method}_")]
     header = next(line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| case"))
     column = next(i for i, name in enumerate(header) if "in the timed steps" in name)
-    peaks = {cells[0].strip().removeprefix("vit_b16_lora_"): cells[column].split("/")[1].strip() for cells in rows}
+    peaks = {cells[0].strip().removeprefix(f"vit_b16_{method}_"): cells[column].split("/")[1].strip() for cells in rows}
     return {"date": date, **peaks}
 
 
@@ -201,11 +212,12 @@ def markdown(result: dict, command: str) -> str:
               + ", ".join(f"{k} {v} GB" for k, v in torch.items() if k != "date") + "."
               if torch else "No torch figure: this file has no \"Train step vs PyTorch: vit_b16\" section.")
     lines = [
-        HEADING, "",
+        heading(result["method"]), "",
         f"Command: `{command}` ({result['wall_s']:.0f} s)  ",
         f"Date: {env['date']}; CPU: {env['cpu']} ({env['cores']} cores; load average {result['load_before']:.1f} "
         f"before, {result['load_after']:.1f} after); jax {env['jax']}; allocator {env['allocator']}. "
-        f"compare_torch.py's vit_b16_lora configuration: LoRA r8 on q and v, batch {BATCH}, {SIZE} px, AdamW; bf16 "
+        f"compare_torch.py's vit_b16_{result['method']} configuration"
+        + (": LoRA r8 on q and v" if result["method"] == "lora" else "") + f", batch {BATCH}, {SIZE} px, AdamW; bf16 "
         "rows with `train.matmul_dtype=bfloat16` as compare_torch's CPU bf16 rows.",
         "",
         "One worker process per row, with `model.scan_layers`, `model.remat` and `model.remat_policy` as shown and, "
@@ -235,20 +247,21 @@ def run(args: argparse.Namespace) -> dict:
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     rows = []
     for dtype in args.dtypes.split(","):
-        reference = start_worker(dtype, *REFERENCE)
+        reference = start_worker(args.method, dtype, *REFERENCE)
         for _ in range(args.warmup):
             reference.ask("step")
-        rows += [measure((dtype, layers, remat, scheduler), reference, args.warmup, args.steps)
+        rows += [measure(args.method, (dtype, layers, remat, scheduler), reference, args.warmup, args.steps)
                  for layers in args.layers.split(",") for scheduler in args.schedulers.split(",")
                  for remat in args.remat.split(",")]
         reference.finish()
-    return {"rows": rows, "warmup": args.warmup, "steps": args.steps, "environment": environment("jax"),
-            "torch": torch_peaks(pathlib.Path(args.out)), "load_before": load_before,
+    return {"method": args.method, "rows": rows, "warmup": args.warmup, "steps": args.steps,
+            "environment": environment("jax"), "torch": torch_peaks(pathlib.Path(args.out), args.method), "load_before": load_before,
             "load_after": os.getloadavg()[0], "wall_s": time.perf_counter() - start}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="lora", choices=METHODS)
     parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16")
     parser.add_argument("--layers", default=",".join(LAYERS), help="comma-separated: " + ", ".join(LAYERS))
     parser.add_argument("--remat", default=",".join(REMATS), help="comma-separated: " + ", ".join(REMATS))
@@ -268,13 +281,13 @@ def main() -> None:
 
     runtime.setup()  # the allocator launch/train.py uses; the workers inherit it
     if args.worker:
-        worker_main(args.dtypes, args.layers, args.remat)
+        worker_main(args.dtypes, args.layers, args.remat, args.method)
         return
     result = run(args)
     section = markdown(result, " ".join(["python benchmarks/vit_memory.py", *sys.argv[1:]]))
     print(section)
     if not args.no_write:
-        write_section(pathlib.Path(args.out), HEADING, section)
+        write_section(pathlib.Path(args.out), heading(args.method), section)
     print(json.dumps(result))
 
 

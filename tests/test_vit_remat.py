@@ -71,6 +71,8 @@ def test_a_policy_without_remat_is_refused():
 
 @pytest.mark.parametrize("method,remat,policy,expected", [
     ("lora", None, None, (True, "projections_saveable")),  # both unset: LoRA's measured default
+    ("vpt_deep", None, None, (True, "projections_saveable")),
+    ("ssf", None, None, (False, None)),  # measured: 1.29-1.36x the step time for 1-4% less memory
     ("full", None, None, (False, None)),  # not measured that way: every activation kept
     ("lora", False, None, (False, None)),  # an explicit choice wins
     ("lora", True, None, (True, None)),  # remat alone: the whole block, as before

@@ -26,10 +26,10 @@ class Built:
 
 
 # model.remat and model.remat_policy both unset: the policy measured best for the method on a ViT (BENCHMARKS.md,
-# "ViT-B/16 LoRA step memory by remat policy and scheduler", two runs): LoRA's scratch buffer 1.46 -> 0.67 GB, peak
-# 2.36 -> 1.64 GB (torch+peft 2.11) at 0.98-1.04x the step time. The other methods are not measured that way yet,
-# so they keep every activation.
-AUTO_REMAT_POLICIES = {"lora": "projections_saveable"}
+# the vit_memory sections, ViT-B/16 fp32, scheduler off). LoRA (two runs): peak 2.36 -> 1.64 GB (torch+peft 2.11)
+# at 0.98-1.04x the step time; VPT-deep: 2.40 -> 1.67 GB (torch 1.80) at 1.03x. Not SSF: 2.64 -> 2.62 GB at 1.36x
+# (its scales need the activations anyway). Methods not measured that way keep every activation.
+AUTO_REMAT_POLICIES = {"lora": "projections_saveable", "vpt_deep": "projections_saveable"}
 
 
 def remat_setting(cfg: ml_collections.ConfigDict) -> tuple[bool, str | None]:
