@@ -11,8 +11,8 @@ the ratio, peak memory (resident set on CPU, device peak on GPU), optimizer-stat
 trainable parameter, and for JAX the FLOP utilisation (XLA's cost analysis of the step) against
 the matmul ceiling measured in the same run. For the ``--allocator_cases`` more JAX workers run
 the same step under each other malloc (tcmalloc, mimalloc, glibc: ``peft_jax/allocator.py``),
-interleaved with the rest, into a section of their own. JAX workers compile as the launchers do, with
-XLA:CPU's concurrency-optimised scheduler off (``peft_jax/xla_cpu.py``); for the ``--scheduler_cases`` one more
+interleaved with the rest, into a section of their own. JAX workers compile and dispatch as the launchers do, with
+XLA:CPU's concurrency-optimised scheduler off and CPU steps inline (``peft_jax/xla_cpu.py``); for the ``--scheduler_cases`` one more
 JAX worker runs with it on (XLA's own default), into another section. The last line printed is one JSON object: per case, ``<case>_speedup`` (torch's step time
 over JAX's) and ``<case>_memory_ratio`` (JAX's peak memory in the timed steps over torch's), and for the
 scheduler cases ``<case>_concurrency_scheduler_speedup`` and ``<case>_concurrency_scheduler_memory_ratio``, against the
