@@ -31,6 +31,11 @@ def environment(*packages: str) -> dict:
             "allocator": allocator.loaded()}
 
 
+def gb(n: float | None) -> str:
+    """Bytes as GB in a table cell (empty where not measured)."""
+    return "" if n is None else f"{n / 1e9:.2f}"
+
+
 def write_section(path: pathlib.Path, heading: str, section: str) -> None:
     """Replaces the section that starts with ``heading`` (or appends it); other sections stay as they are."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured on this project's machines.\n"

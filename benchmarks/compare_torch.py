@@ -11,9 +11,9 @@ the ratio, peak memory (resident set on CPU, device peak on GPU), optimizer-stat
 trainable parameter, and for JAX the FLOP utilisation (XLA's cost analysis of the step) against
 the matmul ceiling measured in the same run. For the ``--allocator_cases`` more JAX workers run
 the same step under each other malloc (tcmalloc, mimalloc, glibc: ``peft_jax/allocator.py``),
-interleaved with the rest, into a section of their own. JAX workers compile and dispatch as the launchers do, with
-XLA:CPU's concurrency-optimised scheduler off and CPU steps inline (``peft_jax/xla_cpu.py``); for the ``--scheduler_cases`` one more
-JAX worker runs with it on (XLA's own default), into another section. The last line printed is one JSON object: per case, ``<case>_speedup`` (torch's step time
+interleaved with the rest, into a section of their own. JAX workers compile and dispatch as the
+launchers do, with XLA:CPU's concurrency-optimised scheduler off and CPU steps inline
+(``peft_jax/xla_cpu.py``); for the ``--scheduler_cases`` one more JAX worker runs with it on (XLA's own default), into another section. The last line printed is one JSON object: per case, ``<case>_speedup`` (torch's step time
 over JAX's) and ``<case>_memory_ratio`` (JAX's peak memory in the timed steps over torch's), and for the
 scheduler cases ``<case>_concurrency_scheduler_speedup`` and ``<case>_concurrency_scheduler_memory_ratio``, against the
 same torch steps.
@@ -34,7 +34,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks_md import cpu_model, write_section  # noqa: E402  (beside this script)
+from benchmarks_md import cpu_model, gb, write_section  # noqa: E402  (beside this script)
 from peft_jax import xla_cpu  # noqa: E402
 
 SIZE = 224
@@ -63,12 +63,20 @@ def settings() -> dict:
 # ----------------------------------------------------------------------------- JAX worker
 
 
+def random_batch(batch_size: int) -> dict:
+    """The JAX workers' fixed batch: normal images at SIZE px, binary labels."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return {"image": jnp.asarray(rng.normal(size=(batch_size, SIZE, SIZE, 3)).astype(np.float32)),
+            "label": jnp.asarray(rng.integers(0, 2, batch_size).astype(np.int32))}
+
+
 def jax_step(model_name: str, method: str, dtype: str):
     """(one_step, compiled, state): a callable that runs one train step and returns its seconds, the
     compiled step (for its cost analysis and its HLO) and the step's state [trainable, frozen, rest, opt]."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from peft_jax import sharding as shd
     from peft_jax.config import base_config
@@ -89,9 +97,7 @@ def jax_step(model_name: str, method: str, dtype: str):
     train_state = setup(cfg, built.model, built.trainable, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
     steps = step_lib.compile_steps(train_state, cfg.train)
     state = [train_state.trainable, train_state.frozen, train_state.rest, train_state.opt_state]
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.normal(size=(batch_size, SIZE, SIZE, 3)).astype(np.float32)),
-             "label": jnp.asarray(rng.integers(0, 2, batch_size).astype(np.int32))}
+    batch = random_batch(batch_size)
     compiled = steps.train.lower(*state, batch).compile()
 
     def one_step():
@@ -390,10 +396,6 @@ def memory_ratio(jax_worker_result: dict, torch_worker_result: dict) -> float | 
     return None
 
 
-def _gb(n: float | None) -> str:
-    return "" if n is None else f"{n / 1e9:.2f}"
-
-
 def write_markdown(results: list[dict], command: str, allocator: str, path: pathlib.Path, peak_tflops: float) -> None:
     """One section per model, so that a run of some models' cases leaves the other models' rows as they are."""
     import jax
@@ -438,9 +440,9 @@ def model_section(heading: str, results: list[dict], command: str, allocator: st
                                                                                      t["peak_rss_bytes"])
         lines.append(
             f"| {r['case']} | {j['images_per_s']:.2f} | {t['images_per_s']:.2f} | {r['speedup']:.2f}x | "
-            f"{_gb(mem_j)} | {_gb(mem_t)} | "
-            + ("" if gpu else f"{_gb(j['step_peak_rss_bytes'])} / {_gb(t['step_peak_rss_bytes'])} | "
-                              f"{_gb(j['xla_temp_bytes'])} | ")
+            f"{gb(mem_j)} | {gb(mem_t)} | "
+            + ("" if gpu else f"{gb(j['step_peak_rss_bytes'])} / {gb(t['step_peak_rss_bytes'])} | "
+                              f"{gb(j['xla_temp_bytes'])} | ")
             + f"{j['opt_bytes_per_param']:.2f} / {t['opt_bytes_per_param']:.2f} | "
             f"{100 * r['jax_utilisation']:.0f}% |")
     j = results[0]["jax"]
@@ -471,7 +473,7 @@ def allocator_markdown(results: list[dict], command: str, where: str) -> str:
             continue
         for name, w in runs:
             lines.append(f"| {r['case']} | {name} | {w['images_per_s']:.2f} | {w['median_s'] / r['jax']['median_s']:.2f}x "
-                         f"| {_gb(w['step_peak_rss_bytes'])} |")
+                         f"| {gb(w['step_peak_rss_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -503,7 +505,7 @@ def scheduler_markdown(results: list[dict], command: str, where: str) -> str:
                                         ("concurrency-optimised (XLA's)", r[SCHEDULER_WORKER],
                                          r[SCHEDULER_WORKER]["speedup"], r[SCHEDULER_WORKER]["memory_ratio"])):
             lines.append(f"| {r['case']} | {name} | {w['images_per_s']:.2f} | {w['median_s'] / r['jax']['median_s']:.2f}x "
-                         f"| {speedup:.2f}x | {_gb(w['xla_temp_bytes'])} | {_gb(w['step_peak_rss_bytes'])} | "
+                         f"| {speedup:.2f}x | {gb(w['xla_temp_bytes'])} | {gb(w['step_peak_rss_bytes'])} | "
                          f"{'' if ratio is None else f'{ratio:.2f}'} |")
     return "\n".join(lines) + "\n"
 

@@ -27,7 +27,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from benchmarks_md import environment, write_section  # noqa: E402  (beside this script)
+from benchmarks_md import environment, gb, write_section  # noqa: E402  (beside this script)
 from compare_torch import CASES, CPU_CASES, peak_rss_since_reset, reset_peak_rss  # noqa: E402
 from workers import WorkerProcess  # noqa: E402
 
@@ -57,16 +57,10 @@ def worker_main(case: str) -> None:
     """Line protocol on stdin/stdout: 'run N' -> seconds per step of N steps back to back; 'reset_peak' -> null;
     anything else -> final JSON (peak RSS since the reset, XLA's scratch bytes)."""
     xla_cpu.set_dispatch()
-    import jax.numpy as jnp
-    import numpy as np
-
-    from compare_torch import jax_step, settings
+    from compare_torch import jax_step, random_batch, settings
 
     _, compiled, state = jax_step(*CASES[case])
-    rng = np.random.default_rng(0)
-    batch_size = settings()["batch"]
-    batch = {"image": jnp.asarray(rng.normal(size=(batch_size, 224, 224, 3)).astype(np.float32)),
-             "label": jnp.asarray(rng.integers(0, 2, batch_size).astype(np.int32))}
+    batch = random_batch(settings()["batch"])
     print("ready", flush=True)
     for line in sys.stdin:
         command = line.split()
@@ -106,10 +100,6 @@ def measure(case: str, mallocs: list[str], warmup: int, rounds: int, round_steps
     for r in rows:
         r["relative_step_time"] = r["median_s"] / inline[r["allocator"]]
     return rows
-
-
-def gb(n: float | None) -> str:
-    return "" if n is None else f"{n / 1e9:.2f}"
 
 
 def markdown(result: dict, command: str) -> str:

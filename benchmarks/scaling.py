@@ -34,7 +34,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # peft_jax uninstalled; benchmarks_md when a test imports this
 
-from benchmarks_md import environment, write_section  # noqa: E402  (beside this script)
+from benchmarks_md import environment, gb, write_section  # noqa: E402  (beside this script)
 
 HEADING = "## Cost by model size and mesh (`benchmarks/scaling.py`)"
 SIZE_MODELS = ("vit_ti16", "vit_s16", "vit_b16", "vit_l16", "vit_h14")
@@ -136,10 +136,6 @@ def run_worker(args: argparse.Namespace, kind: str, model: str, devices: int) ->
     print(f"[scaling] {kind} {model} on {devices} device(s)", file=sys.stderr, flush=True)
     out = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
-
-
-def gb(n: float) -> str:
-    return f"{n / 1e9:.2f}"
 
 
 def mb(n: float) -> str:

@@ -33,7 +33,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from benchmarks_md import environment, write_section  # noqa: E402  (beside this script)
+from benchmarks_md import environment, gb, write_section  # noqa: E402  (beside this script)
 from compare_torch import serve_steps  # noqa: E402
 from workers import WorkerProcess  # noqa: E402
 
@@ -157,10 +157,6 @@ def torch_peaks(benchmarks_md: pathlib.Path, method: str) -> dict:
     column = next(i for i, name in enumerate(header) if "in the timed steps" in name)
     peaks = {cells[0].strip().removeprefix(f"vit_b16_{method}_"): cells[column].split("/")[1].strip() for cells in rows}
     return {"date": date, **peaks}
-
-
-def gb(n: float | None) -> str:
-    return "" if n is None else f"{n / 1e9:.2f}"
 
 
 def table_row(r: dict) -> str:
